@@ -1,0 +1,1 @@
+"""Referring-expression data: original-format readers, manifests, synthetic data, fetch."""

@@ -1,0 +1,1 @@
+"""Great-expectations suites over prepared manifests and their images."""
