@@ -27,9 +27,13 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from cris_model.data.fetch import fetch
+    from cris_model.data.fetch import FetchConfig, RetryPolicy, fetch
 
-    print_json(fetch(args.source, Path(args.out)))
+    config = FetchConfig(
+        sha256=args.sha256, endpoint_url=args.endpoint_url,
+        retry=RetryPolicy(retries=args.retries, timeout_s=args.timeout),
+    )
+    print_json(fetch(args.source, Path(args.out), config))
     return 0
 
 
@@ -63,8 +67,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_synth)
 
     p = gsub.add_parser("fetch", help="copy a dataset from a folder, s3:// or https:// archive")
-    p.add_argument("--source", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--source", required=True,
+                   help="a folder or s3://bucket/prefix with a SHA256SUMS, or an http(s) archive")
+    p.add_argument("--out", required=True, help="folder to create (staged in <out>.partial/)")
+    p.add_argument("--sha256", default=None, metavar="HEX",
+                   help="expected SHA-256 of an http(s) archive (default: read <url>.sha256)")
+    p.add_argument("--endpoint-url", default=None, metavar="URL",
+                   help="S3-compatible endpoint (default: $CRIS_S3_ENDPOINT_URL)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="retries of a failing transfer, with exponential backoff (default 4)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="socket timeout of one request in seconds (default 60)")
     p.set_defaults(func=_fetch)
 
     p = gsub.add_parser("validate", help="great-expectations checks over a prepared folder")
