@@ -1,0 +1,254 @@
+"""The new, trainable parts of CRIS: level adapters, text-conditioned FPN, decoder, projector.
+
+Shapes follow the reference CRIS at a 416 px input: image levels at strides 8/16/32
+(52/26/13), the neck's output 512x26x26, the projector's logits 1x104x104.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv_bn_relu(
+    in_dim: int, out_dim: int, kernel: int = 1, stride: int = 1
+) -> nn.Sequential:
+    """kxk convolution (no bias, 'same' padding) -> BatchNorm -> ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_dim, out_dim, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(out_dim),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _coords(x: torch.Tensor) -> torch.Tensor:
+    """BxCxHxW -> Bx(C+2)xHxW with x then y coordinates in [-1, 1] appended."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(b, -1, -1, -1)
+    return torch.cat([x, coords], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def sine_positions_1d(dim: int, length: int) -> torch.Tensor:
+    """Fixed sine/cosine encoding of positions 0..length-1 -> length x dim (dim even).
+
+    Cached per shape: callers must not modify the returned tensor in place.
+    """
+    if dim % 2:
+        raise ValueError(f"1D sine positions need an even width, got {dim}")
+    cpu = torch.device("cpu")  # explicit: a cached tensor must not inherit a meta context
+    pos = torch.arange(length, dtype=torch.float32, device=cpu).unsqueeze(1)
+    steps = torch.arange(0, dim, 2, dtype=torch.float32, device=cpu)
+    freq = torch.exp(steps * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim, device=cpu)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def sine_positions_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    """Fixed 2D sine encoding -> (height*width) x dim, row-major over the grid (cached).
+
+    The first half of the channels encodes the column (x), the second half the row (y),
+    each as interleaved sine/cosine pairs (dim divisible by 4).
+    """
+    if dim % 4:
+        raise ValueError(f"2D sine positions need a width divisible by 4, got {dim}")
+    half = dim // 2
+    col = sine_positions_1d(half, width)  # W x half
+    row = sine_positions_1d(half, height)  # H x half
+    grid = torch.cat(
+        [col.unsqueeze(0).expand(height, -1, -1), row.unsqueeze(1).expand(-1, width, -1)], dim=-1
+    )
+    return grid.reshape(height * width, dim)
+
+
+class ResNetLevels(nn.Module):
+    """CLIP ResNet features -> [v3, v4, v5] for the neck.
+
+    v3 = layer2, v4 = layer3, v5 = ReLU(dense attention pool + BN(1x1 conv(layer4))): the
+    residual branch is new (it lets the pooled map keep layer4's spatial detail).
+    """
+
+    def __init__(self, c5_dim: int, pool_dim: int) -> None:
+        super().__init__()
+        self.connect = nn.Sequential(
+            nn.Conv2d(c5_dim, pool_dim, 1, bias=False), nn.BatchNorm2d(pool_dim)
+        )
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        v5 = F.relu(feats["img_pool"] + self.connect(feats["img_c5"]))
+        return [feats["img_c3"], feats["img_c4"], v5]
+
+
+class ViTLevels(nn.Module):
+    """CLIP ViT token maps (all at stride 16) -> [v3, v4, v5] at strides 8 / 16 / 32.
+
+    A simple feature pyramid: a 2x2 transposed conv up from the early block, a 1x1 conv on
+    the middle block, and a stride-2 3x3 conv down from the projected last block.
+    """
+
+    def __init__(self, width: int, pool_dim: int, out_dims: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(width, out_dims[0], 2, stride=2, bias=False),
+            nn.BatchNorm2d(out_dims[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.mid = _conv_bn_relu(width, out_dims[1], 1)
+        self.down = _conv_bn_relu(pool_dim, out_dims[2], 3, stride=2)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [self.up(feats["img_c3"]), self.mid(feats["img_c4"]), self.down(feats["img_pool"])]
+
+
+class TextFPN(nn.Module):
+    """Text-conditioned FPN: [v3, v4, v5] + sentence BxE -> Bx out[1] x H/16 x W/16.
+
+    The coarsest level is multiplied by the projected sentence feature, then fused top-down
+    with the two finer levels, aggregated at stride 16 and given coordinate channels.
+    """
+
+    def __init__(
+        self, in_dims: tuple[int, int, int], out_dims: tuple[int, int, int], sentence_dim: int
+    ) -> None:
+        super().__init__()
+        c3, c4, c5 = out_dims
+        self.txt_proj = nn.Sequential(
+            nn.Linear(sentence_dim, c5, bias=False), nn.BatchNorm1d(c5), nn.ReLU(inplace=True)
+        )
+        self.f5_proj = _conv_bn_relu(in_dims[2], c5, 1)
+        self.f5_norm = nn.Sequential(nn.BatchNorm2d(c5), nn.ReLU(inplace=True))
+        self.f4_proj = _conv_bn_relu(in_dims[1], c4, 3)
+        self.f4_cat = _conv_bn_relu(c5 + c4, c4, 1)
+        self.f3_proj = _conv_bn_relu(in_dims[0], c3, 3)
+        self.f3_cat = _conv_bn_relu(c3 + c4, c4, 1)
+        self.q5 = _conv_bn_relu(c5, c4, 3)
+        self.q4 = _conv_bn_relu(c4, c4, 3)
+        self.q3 = _conv_bn_relu(c4, c4, 3)
+        self.aggr = _conv_bn_relu(3 * c4, c4, 1)
+        self.coord = _conv_bn_relu(c4 + 2, c4, 3)
+        self.out = _conv_bn_relu(c4, c4, 3)
+
+    def forward(self, levels: list[torch.Tensor], sentence: torch.Tensor) -> torch.Tensor:
+        v3, v4, v5 = levels
+        state = self.txt_proj(sentence)[:, :, None, None]
+        f5 = self.f5_norm(self.f5_proj(v5) * state)
+        f4 = self.f4_proj(v4)
+        f4 = self.f4_cat(torch.cat([f4, _resize(f5, f4)], dim=1))
+        f3 = F.avg_pool2d(self.f3_proj(v3), 2, 2)
+        f3 = self.f3_cat(torch.cat([f3, f4], dim=1))
+        q4 = self.q4(f4)
+        fused = torch.cat([self.q3(f3), q4, _resize(self.q5(f5), q4)], dim=1)
+        return self.out(self.coord(_coords(self.aggr(fused))))
+
+
+def _resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of x to like's spatial size."""
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention over visual tokens, cross-attention to words, FFN; each sub-block is
+    pre-normalised, normalised again after attention, and added back (the reference's layout).
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, dim_ffn: int, dropout: float, word_dim: int
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout,
+                                               batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.cross_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout,
+                                                kdim=word_dim, vdim=word_dim, batch_first=True)
+        self.cross_attn_norm = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, dim_ffn), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.LayerNorm(dim_ffn), nn.Linear(dim_ffn, d_model),
+        )
+        self.drop1 = nn.Dropout(dropout)
+        self.drop2 = nn.Dropout(dropout)
+        self.drop3 = nn.Dropout(dropout)
+
+    def forward(
+        self, vis: torch.Tensor, words: torch.Tensor, vis_pos: torch.Tensor,
+        word_pos: torch.Tensor, pad_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """vis BxNxD, words BxLxCw, vis_pos NxD, word_pos LxCw, pad_mask BxL (True = pad)."""
+        x = self.norm1(vis)
+        q = x + vis_pos
+        x = self.self_attn(q, q, x, need_weights=False)[0]
+        vis = vis + self.drop1(self.self_attn_norm(x))
+        x = self.norm2(vis)
+        x = self.cross_attn(x + vis_pos, words + word_pos, words, key_padding_mask=pad_mask,
+                            need_weights=False)[0]
+        vis = vis + self.drop2(self.cross_attn_norm(x))
+        return vis + self.drop3(self.ffn(self.norm3(vis)))
+
+
+class VLDecoder(nn.Module):
+    """Vision-language decoder: BxDxhxw visual map + words -> BxDxhxw, fixed sine positions."""
+
+    def __init__(
+        self, num_layers: int, d_model: int, num_heads: int, dim_ffn: int, dropout: float,
+        word_dim: int,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, num_heads, dim_ffn, dropout, word_dim) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self, vis: torch.Tensor, words: torch.Tensor, pad_mask: torch.Tensor
+    ) -> torch.Tensor:
+        b, d, h, w = vis.shape
+        vis_pos = sine_positions_2d(d, h, w).to(vis.device, vis.dtype)
+        word_pos = sine_positions_1d(words.shape[-1], words.shape[1]).to(words.device, words.dtype)
+        x = vis.flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            x = layer(x, words, vis_pos, word_pos, pad_mask)
+        return self.norm(x).transpose(1, 2).reshape(b, d, h, w)
+
+
+class Projector(nn.Module):
+    """Decoder map BxDxhxw + sentence BxE -> Bx1x(4h)x(4w) logits.
+
+    The map is upsampled twice (x2, conv-BN-ReLU each) to D/2 channels; the sentence feature
+    is mapped to one kxk kernel over those channels plus a bias per sample, applied as a
+    grouped convolution (one group per sample).
+    """
+
+    def __init__(self, vis_dim: int, sentence_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        mid = vis_dim // 2
+        self.kernel_size = kernel_size
+        self.vis = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            _conv_bn_relu(vis_dim, vis_dim, 3),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            _conv_bn_relu(vis_dim, mid, 3),
+            nn.Conv2d(mid, mid, 1),
+        )
+        self.txt = nn.Linear(sentence_dim, mid * kernel_size * kernel_size + 1)
+
+    def forward(self, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        x = self.vis(x)
+        b, c, h, w = x.shape
+        params = self.txt(sentence)
+        weight = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight, params[:, -1],
+                       padding=self.kernel_size // 2, groups=b)
+        return out.transpose(0, 1)
