@@ -177,7 +177,7 @@ def test_rle_round_trip_and_run_lengths(seed: int) -> None:
     runs = list(np.diff(edges))
     if flat[0]:
         runs = [0, *runs]
-    assert rle_run_lengths(counts) == runs
+    assert rle_run_lengths(counts).tolist() == runs
 
 
 @pytest.mark.parametrize(("counts", "problem"), [

@@ -14,40 +14,52 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 MIN_POLYGON_POINTS = 3
+_MAX_GROUP_CHARS = 11  # 55 bits: far beyond any image, and safe in int64
 
 
-def rle_run_lengths(counts: str) -> list[int]:
-    """COCO compressed RLE counts string -> its run lengths (0s first, then 1s, alternating).
+def rle_run_lengths(counts: str) -> np.ndarray:
+    """COCO compressed RLE counts string -> int64 run lengths (alternating 0s and 1s from 0).
 
-    Raises ValueError when the text is not a well-formed COCO RLE string.
+    Reads the same format as pycocotools' `rleFrString`, but in numpy with every step
+    checked, so a malformed string raises ValueError instead of reaching pycocotools' C
+    decoder (which trusts the runs to fit height x width).
     """
-    runs: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(counts):
-                raise ValueError("RLE counts string ends inside a run length")
-            code = ord(counts[pos]) - 48
-            if not 0 <= code < 64:
-                raise ValueError(f"RLE counts string has an invalid character {counts[pos]!r}")
-            value |= (code & 0x1F) << shift
-            more = bool(code & 0x20)
-            pos += 1
-            shift += 5
-            if not more and code & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
+    try:
+        codes = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
+    except UnicodeEncodeError as e:
+        raise ValueError("RLE counts string has an invalid character (non-ASCII)") from e
+    if codes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if codes.min() < 0 or codes.max() > 63:
+        raise ValueError("RLE counts string has an invalid character (outside its alphabet)")
+    more = (codes & 0x20) != 0
+    if more[-1]:
+        raise ValueError("RLE counts string ends inside a run length")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > _MAX_GROUP_CHARS:
+        raise ValueError("RLE counts string has a run length too long for any image")
+    shift = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((codes & 0x1F) << shift, starts)
+    negative = (codes[ends] & 0x10) != 0
+    values = values - negative * (np.int64(1) << (5 * lengths))
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
     return runs
 
 
-def _check_runs(runs: Sequence[int], height: int, width: int) -> None:
-    if any(r < 0 for r in runs):
+def _check_runs(runs: np.ndarray, height: int, width: int) -> None:
+    if runs.size and runs.min() < 0:
         raise ValueError("RLE has a negative run length")
-    if sum(runs) != height * width:
-        raise ValueError(f"RLE runs cover {sum(runs)} pixels, expected {height}x{width}")
+    if int(runs.sum()) != height * width:
+        raise ValueError(f"RLE runs cover {int(runs.sum())} pixels, expected {height}x{width}")
+
+
+def check_rle(counts: str, height: int, width: int) -> None:
+    """Raise ValueError unless `counts` is a valid COCO RLE string of a height x width mask."""
+    _check_runs(rle_run_lengths(counts), height, width)
 
 
 def _polygon_rle(parts: list[Any], height: int, width: int) -> tuple[dict, int]:
@@ -74,12 +86,12 @@ def _dict_rle(seg: dict, height: int, width: int) -> dict:
         raise ValueError(f"RLE size {seg['size']} differs from image size [{height}, {width}]")
     counts = seg["counts"]
     if isinstance(counts, str):
-        _check_runs(rle_run_lengths(counts), height, width)
+        check_rle(counts, height, width)
         return {"size": [height, width], "counts": counts.encode("ascii")}
     if isinstance(counts, list) and all(
         isinstance(c, int) and not isinstance(c, bool) for c in counts
     ):
-        _check_runs(counts, height, width)
+        _check_runs(np.asarray(counts, dtype=np.int64), height, width)
         return mask_utils.frPyObjects(seg, height, width)
     raise ValueError("RLE counts must be a string or a list of integers")
 
@@ -109,7 +121,7 @@ def union_rle(rles: Sequence[dict], height: int, width: int) -> str:
 
 def mask_from_rle(rle_counts: str, height: int, width: int) -> np.ndarray:
     """Compressed RLE counts string of a height x width mask -> bool HxW array."""
-    _check_runs(rle_run_lengths(rle_counts), height, width)
+    check_rle(rle_counts, height, width)
     rle = {"size": [height, width], "counts": rle_counts.encode("ascii")}
     return mask_utils.decode(rle).astype(bool)
 
