@@ -11,8 +11,6 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cris_model.atomic import staged_dir
 from cris_model.backbone import tokenizer_info
 from cris_model.config import ModelConfig
 from cris_model.model import CRIS, build_untrained
@@ -41,38 +40,14 @@ def save_checkpoint(
     so a reader never sees a half-written checkpoint. Returns `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(path) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_json(tmp / "tokenizer.json", tokenizer_info(model.config.word_len))
         _write_json(tmp / "metrics.json", metrics or {})
         _write_json(tmp / "extra.json", extra or {})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_in(tmp, path)
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is moved aside first and removed after."""
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    had_old = path.exists()
-    if had_old:
-        path.rename(old)
-    try:
-        tmp.rename(path)
-    except OSError:
-        if had_old:
-            old.rename(path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if had_old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: Path) -> Any:

@@ -7,7 +7,6 @@ the cached features and return maps at the original image size.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from cris_model.atomic import staged_file
 from cris_model.backbone import tokenize
 from cris_model.checkpoint import load_checkpoint
 from cris_model.imaging import Letterbox, letterbox_image, normalize, undo_letterbox
@@ -152,13 +152,8 @@ def overlay_mask(image: Image.Image, mask: np.ndarray, caption: str = "") -> Ima
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG atomically: to a temporary file beside `path`, then rename over it."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
+    with staged_file(dest) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cris_model.atomic import staged_dir
 from cris_model.data.masks import segmentation_rle, union_rle
 from cris_model.data.refer import (
     OFFICIAL_REF_COUNTS,
@@ -190,25 +189,10 @@ def _check_out(out: Path) -> None:
 
 def _write(out: Path, tables: dict[str, pa.Table], summary: dict[str, Any]) -> None:
     """Write tables + summary.json into a temporary folder beside `out`, then swap it in."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         for split, table in tables.items():
             pq.write_table(table, tmp / f"{split}.parquet")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if old.exists():
-                old.rename(out)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_dataset(root: Path, dataset: str, split_by: str, out: Path,

@@ -21,8 +21,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from cris_model.atomic import staged_dir
 from cris_model.data.synth_grammar import (
     COLOURS,
     ROUND_SHAPES,
@@ -425,20 +424,6 @@ def _write_tree(tmp: Path, drawn: list[_Image], splits: list[str], seed: int) ->
                               encoding="utf-8")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` by the finished folder `tmp` (old contents removed only on success)."""
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _summary(out: Path, drawn: list[_Image], splits: list[str], seed: int) -> dict[str, Any]:
     """Counts of images, refs and sentences per split and kind (single, multi, none)."""
     counts: dict[str, Any] = {"images": {s: splits.count(s) for s in SPLITS}}
@@ -477,11 +462,6 @@ def generate(out: Path, images: int, seed: int, config: SynthConfig | None = Non
         img = _draw_image(np.random.default_rng([seed, 2, i]), i + 1, next_ann, split, cfg)
         next_ann += len(img.annotations)
         drawn.append(img)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_dir(out) as tmp:
         _write_tree(tmp, drawn, splits, seed)
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _summary(out, drawn, splits, seed)
