@@ -1,0 +1,193 @@
+"""Torch dataset over a prepared manifest folder (`cris data prepare`) and its batch sampler.
+
+Training draws one random sentence per referred object per epoch, as the reference does; the
+draw (and the optional flip) comes from a generator seeded by (seed, epoch, ref index), so a
+resumed run and every DDP rank see exactly the same samples. Evaluation visits every sentence.
+Images travel as uint8 (normalised on the device, where it is cheap).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from cris_model.backbone import tokenize
+from cris_model.data.manifest import read_manifest
+from cris_model.data.masks import mask_from_rle
+from cris_model.imaging import Letterbox, letterbox_image, letterbox_mask
+
+_SIDE = re.compile(r"\b(left|right)", flags=re.IGNORECASE)
+
+
+def swap_left_right(sentence: str) -> str:
+    """The phrase as seen in a horizontally flipped image: 'left' <-> 'right' (keeps case)."""
+
+    def _swap(m: re.Match[str]) -> str:
+        word = m.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDE.sub(_swap, sentence)
+
+
+def open_split(data_dir: Path, split: str) -> tuple[pd.DataFrame, Path]:
+    """(rows of `<data_dir>/<split>.parquet`, absolute image folder from summary.json)."""
+    summary = data_dir / "summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{summary}: prepared folder has no summary.json")
+    try:
+        image_dir = Path(json.loads(summary.read_text(encoding="utf-8"))["image_dir"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{summary}: no 'image_dir' entry") from e
+    rows = read_manifest(data_dir / f"{split}.parquet")
+    if rows.empty:
+        raise ValueError(f"{data_dir / f'{split}.parquet'}: manifest is empty")
+    return rows.reset_index(drop=True), image_dir
+
+
+class RefDataset(Dataset):
+    """Items of one split: dict(image 3xSxS uint8, tokens L int64, mask SxS float32 in [0,1],
+    index, ref_id, sent_id), S = input_size.
+
+    `sample="ref"` (training): one item per referred object, a random sentence each epoch
+    (call `set_epoch`), optional flip with probability 0.5. `sample="sentence"` (evaluation):
+    one item per manifest row, no randomness. `blind` replaces every phrase by "" (the
+    language-blind baseline).
+    """
+
+    def __init__(
+        self, data_dir: Path, split: str, input_size: int, word_len: int, *,
+        sample: str = "ref", flip: bool = False, seed: int = 0, blind: bool = False,
+    ) -> None:
+        if sample not in ("ref", "sentence"):
+            raise ValueError(f"sample must be 'ref' or 'sentence', got {sample!r}")
+        self.rows, self.image_dir = open_split(Path(data_dir), split)
+        self.split, self.input_size, self.word_len = split, input_size, word_len
+        self.sample, self.flip, self.seed, self.blind, self.epoch = sample, flip, seed, blind, 0
+        if sample == "ref":
+            groups = self.rows.groupby("ref_id", sort=False).indices
+            self.groups = [np.asarray(ix) for ix in groups.values()]
+        else:
+            self.groups = [np.asarray([i]) for i in range(len(self.rows))]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose which sentence each referred object shows this epoch."""
+        self.epoch = epoch
+
+    def letterbox(self, index: int) -> Letterbox:
+        """Geometry of manifest row `index` inside the input canvas."""
+        row = self.rows.iloc[index]
+        return Letterbox.fit(int(row["height"]), int(row["width"]), self.input_size)
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """Ground truth of manifest row `index` at the original image size (HxW bool)."""
+        row = self.rows.iloc[index]
+        return mask_from_rle(row["mask_rle"], int(row["height"]), int(row["width"])).astype(bool)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        rows = self.groups[item]
+        flip = False
+        index = int(rows[0])
+        if self.sample == "ref":
+            rng = np.random.default_rng([self.seed, self.epoch, item])
+            index = int(rows[rng.integers(len(rows))])
+            flip = self.flip and bool(rng.random() < 0.5)
+        return self._load(index, flip)
+
+    def _load(self, index: int, flip: bool) -> dict[str, Any]:
+        row = self.rows.iloc[index]
+        path = self.image_dir / str(row["file_name"])
+        try:
+            with Image.open(path) as img:
+                img.load()
+                image = img.convert("RGB")
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: cannot read image ({e})") from e
+        h, w = int(row["height"]), int(row["width"])
+        if (image.height, image.width) != (h, w):
+            raise ValueError(
+                f"{path}: image is {image.height}x{image.width}, manifest says {h}x{w}")
+        canvas, box = letterbox_image(image, self.input_size)
+        mask = letterbox_mask(self.original_mask(index), box)
+        sentence = "" if self.blind else str(row["sentence"])
+        if flip:
+            canvas, mask = canvas[:, ::-1], mask[:, ::-1]
+            sentence = swap_left_right(sentence)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))),
+            "tokens": tokenize([sentence], self.word_len)[0],
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "index": index,
+            "ref_id": int(row["ref_id"]),
+            "sent_id": int(row["sent_id"]),
+        }
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Global batches of a shuffled epoch, each split into equal per-rank slices.
+
+    Rank r gets items [r*b, (r+1)*b) of every global batch (b = batch_size / world_size), so
+    N ranks together see exactly the batches one process would. The order depends only on
+    (seed, epoch); `set_epoch(epoch, skip=k)` starts past the first k batches (resume).
+    The last incomplete global batch is dropped when `drop_last`.
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
+        seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+    ) -> None:
+        if batch_size <= 0 or batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be a positive multiple of world size {world_size}"
+            )
+        if drop_last and num_items < batch_size:
+            raise ValueError(f"{num_items} items make no full batch of {batch_size}")
+        self.num_items, self.batch_size, self.world_size, self.rank = (
+            num_items, batch_size, world_size, rank)
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order and how many of its leading batches to skip."""
+        self.epoch, self.skip = epoch, skip
+
+    def _num_global(self) -> int:
+        full, rest = divmod(self.num_items, self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __len__(self) -> int:
+        return max(0, self._num_global() - self.skip)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=gen).tolist()
+        else:
+            order = list(range(self.num_items))
+        per_rank = self.batch_size // self.world_size
+        for b in range(self.skip, self._num_global()):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            shard = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+            if shard:
+                yield shard
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack a list of dataset items into a batch dict of tensors (ids as int64 vectors)."""
+    return {
+        key: torch.stack([it[key] for it in items]) if torch.is_tensor(items[0][key])
+        else torch.tensor([it[key] for it in items], dtype=torch.int64)
+        for key in items[0]
+    }

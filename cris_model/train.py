@@ -1,0 +1,533 @@
+"""The CRIS training loop, readable top to bottom: CPU, one GPU, or many GPUs under torchrun.
+
+`train(params, data_dir, out_dir)` builds the model from params `model:`, trains it with Adam
+on the `train:` settings (`TrainConfig`), evaluates on the val split after every epoch at the
+original image size, and writes checkpoint directories `out_dir/last` (every epoch, and every
+`checkpoint_every_steps`) and `out_dir/best` (highest val mIoU; never chosen on a test split).
+
+Choices against the reference implementation (decided, and parameters):
+- The reference builds Adam with the head's LR for every group and only applies the CLIP
+  factor from epoch 2 on, so CLIP trains at the head LR in epoch 1. Default here: CLIP runs
+  at `lr * clip_lr_scale` from the first step; `clip_full_lr_first_epoch: true` reproduces
+  the reference.
+- The reference means to freeze CLIP's token embedding but its assignment does nothing, so
+  the embedding trains. Default here: it trains (the reference's effective behaviour);
+  `freeze_token_embedding: true` freezes it for real.
+- The LR schedule is a pure function of the global step (`lr_factor`), so the step counter
+  in the checkpoint is the whole scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sized
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cris_model import train_state
+from cris_model.atomic import write_text
+from cris_model.config import get_preset
+from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate
+from cris_model.distributed import DistContext, close_distributed, init_distributed, sync_batchnorm
+from cris_model.evaluate import mlflow_metric_name, predict_split
+from cris_model.gallery import GalleryCase, save_gallery
+from cris_model.imaging import normalize
+from cris_model.metrics import MaskMetrics
+from cris_model.model import CRIS, build_model, cris_loss
+from cris_model.params import section
+from cris_model.predict import load_image
+from cris_model.tracking import MlflowTracker, NullTracker, Tracker
+
+_ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs
+HISTORY = "history.csv"  # per-window training loss (step,loss) in out_dir: DVC's loss plot
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of params.yaml. Defaults follow the CRIS paper."""
+
+    epochs: int = 50  # passes over the referred objects (one random sentence each)
+    batch_size: int = 64  # global batch, split evenly across processes
+    lr: float = 1e-4  # head learning rate (Adam)
+    clip_lr_scale: float = 0.1  # CLIP backbone LR = lr * clip_lr_scale
+    clip_full_lr_first_epoch: bool = False  # reference quirk: CLIP at the head LR in epoch 1
+    freeze_token_embedding: bool = False  # really freeze CLIP's token embedding (reference: no-op)
+    schedule: str = "step"  # step: x lr_gamma at each milestone epoch | cosine: to 0 per step
+    lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs where step LR drops
+    lr_gamma: float = 0.1  # step schedule's LR factor at each milestone
+    weight_decay: float = 0.0  # Adam L2 weight decay
+    device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
+    seed: int = 0  # seeds python, numpy and torch (same on every rank)
+    deterministic: bool = False  # torch deterministic algorithms (exact resume; slower)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    flip: bool = False  # horizontal flip (p=0.5) swapping left/right in the phrase
+    language_blind: bool = False  # train and evaluate on empty phrases (the no-language baseline)
+    freeze_backbone: bool = False  # train only the head; CLIP in eval mode, no gradients
+    features_dir: str = ""  # CLIP feature cache (`cris features cache`); needs freeze_backbone
+    train_split: str = "train"  # manifest split to train on
+    val_split: str = "val"  # split that picks `best` (must not be a test split)
+    log_every: int = 10  # steps between logged train metrics
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
+    checkpoint_every_steps: int = 0  # also write `last` every N steps mid-epoch (0 = epoch ends)
+    find_unused_parameters: bool = False  # DDP option; only for models with unused parameters
+    tracking: bool = True  # log to MLflow
+    tracking_uri: str = ""  # MLflow URI; "" = $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db
+    experiment: str = "cris"  # MLflow experiment name
+    run_name: str = ""  # MLflow run name ("" = preset and time)
+    gallery_size: int = 8  # val predictions drawn into the gallery PNG artifact
+    progress: bool = True  # tqdm bars on the main process (off when $CI is set)
+
+    @classmethod
+    def from_params(cls, train: dict[str, Any]) -> TrainConfig:
+        """Build from the params `train` section; unknown keys and bad values raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(train) - known)
+        if unknown:
+            raise ValueError(f"unknown train parameters: {', '.join(unknown)}")
+        defaults = cls()
+        cfg = cls(**{k: _coerce(k, v, getattr(defaults, k)) for k, v in train.items()})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first value no run can use."""
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"train.schedule must be step or cosine, got {self.schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
+        if self.val_split.startswith("test"):
+            raise ValueError(f"train.val_split {self.val_split!r}: never select on a test split")
+        if self.features_dir and not self.freeze_backbone:
+            raise ValueError("train.features_dir needs train.freeze_backbone: true")
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """`value` checked against the type of the field's default; ValueError when it differs.
+
+    Floats also accept ints and numeric strings (YAML reads `1e-4` as a string).
+    """
+    expected = type(default)
+    if expected is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"train.{name} must be a number, got {value!r}") from e
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"train.{name} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also printed by `cris train` as JSON)."""
+
+    out_dir: str  # folder holding last/ and best/
+    run_id: str | None  # MLflow run id (None when tracking is off)
+    epochs: int  # epochs completed
+    steps: int  # optimizer steps taken
+    best_epoch: int  # epoch (1-based) whose val mIoU chose best/
+    best_metrics: dict[str, float]  # val metrics of best/
+    last_metrics: dict[str, float]  # val metrics of last/
+    samples_per_s: float  # training throughput over the whole run (all ranks)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base LRs at global `step`: step decay by epoch, or cosine to zero."""
+    if cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    epoch = step // steps_per_epoch
+    return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int) -> None:
+    factor = lr_factor(cfg, step, steps_per_epoch)
+    first_epoch = step < steps_per_epoch
+    for group in opt.param_groups:
+        base = cfg.lr
+        if group["name"] == "backbone" and not (cfg.clip_full_lr_first_epoch and first_epoch):
+            base = cfg.lr * cfg.clip_lr_scale
+        group["lr"] = base * factor
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _amp(cfg: TrainConfig, device: torch.device) -> tuple[Any, bool]:
+    """(autocast context or nullcontext, whether fp16 needs the grad scaler)."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext(), False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), precision == "fp16"
+
+
+class _Net(torch.nn.Module):
+    """Batch dict -> Bx1xhxw logits; the module DDP wraps, so both input paths sync gradients.
+
+    A batch holds either images + tokens, or cached CLIP features (the keys of
+    `CRIS.encode`) from the feature cache.
+    """
+
+    def __init__(self, model: CRIS, freeze_backbone: bool) -> None:
+        super().__init__()
+        self.model, self.freeze_backbone = model, freeze_backbone
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "image" not in batch:
+            return self.model.head({k: v for k, v in batch.items() if k not in _ID_KEYS})
+        image = normalize(batch["image"])
+        if not self.freeze_backbone:
+            return self.model(image, batch["tokens"])
+        with torch.no_grad():
+            feats = self.model.encode(image, batch["tokens"])
+        return self.model.head(feats)
+
+
+def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
+    """The model from params `model:`, with the train-time freezes applied, on the device."""
+    model_params = dict(section(params, "model"))
+    model = build_model(get_preset(model_params.pop("preset", "cris_tiny"), **model_params))
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    elif cfg.freeze_token_embedding:
+        frozen = [p for n, p in model.backbone.named_parameters() if "token_embedding" in n]
+        if not frozen:
+            raise ValueError("train.freeze_token_embedding: the backbone has no token_embedding")
+        for p in frozen:
+            p.requires_grad_(False)
+    sync_batchnorm(model, ctx)
+    return model.to(ctx.device)
+
+
+def _optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"name": "backbone", "params": [p for p in model.backbone_parameters() if p.requires_grad]},
+        {"name": "head", "params": [p for p in model.head_parameters() if p.requires_grad]},
+    ]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+
+
+def _train_mode(model: CRIS, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.freeze_backbone:
+        model.backbone.eval()
+
+
+def _train_data(
+    cfg: TrainConfig, data_dir: Path, model: CRIS, ctx: DistContext
+) -> tuple[Dataset, ShardedBatchSampler]:
+    if cfg.features_dir:
+        from cris_model.features import FeatureDataset
+
+        dataset: Dataset = FeatureDataset(Path(cfg.features_dir), cfg.train_split, model=model,
+                                          seed=cfg.seed)
+    else:
+        dataset = RefDataset(
+            data_dir, cfg.train_split, model.config.input_size, model.config.word_len,
+            sample="ref", flip=cfg.flip, seed=cfg.seed, blind=cfg.language_blind,
+        )
+    sampler = ShardedBatchSampler(len(cast(Sized, dataset)), cfg.batch_size,
+                                  world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
+    return dataset, sampler
+
+
+def _loader(dataset: Dataset, sampler: Any, cfg: TrainConfig) -> DataLoader:
+    """A loader whose own generator keeps worker seeding off the global torch RNG."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                      collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+                      persistent_workers=False)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def validate(
+    model: CRIS, dataset: RefDataset, threshold: float, device: torch.device, batch_size: int,
+    gallery_size: int = 0,
+) -> tuple[dict[str, float], list[tuple[int, np.ndarray]]]:
+    """Val metrics at the original image size, and up to `gallery_size` (row, mask) pairs.
+
+    Predictions come from `cris_model.evaluate.predict_split` (the same maps `cris evaluate`
+    scores), thresholded at `threshold` and scored with `cris_model.metrics` (mIoU, oIoU,
+    prec@X). A language-blind dataset is scored on empty phrases.
+    """
+    rows = dataset.rows.assign(sentence="") if dataset.blind else dataset.rows
+    metrics = MaskMetrics()
+    shown: list[tuple[int, np.ndarray]] = []
+    for row, prob in predict_split(model, rows, dataset.image_dir, device=device,
+                                   batch_size=batch_size):
+        pred = prob > threshold
+        metrics.update(pred, dataset.original_mask(int(row.name)))
+        if len(shown) < gallery_size:
+            shown.append((int(row.name), pred))
+    return metrics.compute(), shown
+
+
+def _gallery(dataset: RefDataset, shown: list[tuple[int, np.ndarray]], path: Path) -> Path:
+    """A PNG of val images with predicted and true masks, phrase and IoU under each."""
+    cases = []
+    for index, pred in shown:
+        row = dataset.rows.iloc[index]
+        image = np.asarray(load_image(dataset.image_dir / str(row["file_name"])))
+        gt = dataset.original_mask(index)
+        union = np.count_nonzero(pred | gt)
+        iou = np.count_nonzero(pred & gt) / union if union else 1.0
+        cases.append(GalleryCase(image, pred, gt, f"{row['sentence']} (IoU {iou:.2f})"))
+    return save_gallery([(f"val predictions ({dataset.split})", cases)], path)
+
+
+def _tracker(cfg: TrainConfig, ctx: DistContext, given: Tracker | None) -> Tracker:
+    if given is not None and ctx.is_main:
+        return given
+    if not (cfg.tracking and ctx.is_main):
+        return NullTracker()
+    return MlflowTracker(cfg.tracking_uri, cfg.experiment)
+
+
+def _batches(loader: DataLoader, desc: str, disable: bool) -> Iterator[dict[str, torch.Tensor]]:
+    yield from tqdm(loader, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
+
+
+def _step(
+    net: torch.nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, amp: Any,
+) -> torch.Tensor:
+    """One optimizer step on a batch dict; returns the detached loss."""
+    with amp:
+        logits = net(batch)
+    loss = cris_loss(logits.float(), batch["mask"].unsqueeze(1).float())
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds, so the loop functions take one argument."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    model: CRIS  # the unwrapped model (saved, evaluated)
+    net: torch.nn.Module  # what the step calls: _Net, DDP-wrapped when world_size > 1
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Any
+    loader: DataLoader
+    sampler: ShardedBatchSampler
+    train_set: Dataset
+    val_set: RefDataset
+    threshold: float
+    tracker: Tracker
+    out_dir: Path
+    params: dict[str, Any]
+    progress: train_state.Progress
+    steps_per_epoch: int
+
+    @property
+    def show(self) -> bool:
+        """Draw progress bars: main process, asked for, and not under CI."""
+        return self.ctx.is_main and self.cfg.progress and not os.environ.get("CI")
+
+
+def _log_window(run: _Run, losses: list[torch.Tensor], seconds: float) -> None:
+    loss = torch.stack(losses).mean()
+    if run.ctx.world_size > 1:
+        torch.distributed.all_reduce(loss)
+        loss /= run.ctx.world_size
+    lrs = {f"train/lr_{g['name']}": g["lr"] for g in run.opt.param_groups}
+    rate = len(losses) * run.cfg.batch_size / max(seconds, 1e-9)
+    run.tracker.log_metrics({"train/loss": loss.item(), **lrs, "train/samples_per_s": rate},
+                            step=run.progress.step)
+    if run.ctx.is_main:
+        with (run.out_dir / HISTORY).open("a", encoding="utf-8") as f:
+            f.write(f"{run.progress.step},{loss.item():.6g}\n")
+
+
+def _start_history(path: Path, resumed_step: int | None) -> None:
+    """Start the loss curve file anew, or on resume keep only the rows up to the resumed step."""
+    rows: list[str] = []
+    if resumed_step is not None and path.is_file():
+        rows = [r for r in path.read_text(encoding="utf-8").splitlines()[1:]
+                if int(r.split(",", 1)[0]) <= resumed_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, "".join(f"{r}\n" for r in ["step,loss", *rows]))
+
+
+def _train_epoch(run: _Run, epoch: int) -> bool:
+    """Train until the epoch ends (True) or max_steps is reached (False)."""
+    cfg, prog = run.cfg, run.progress
+    _train_mode(run.model, cfg)
+    losses: list[torch.Tensor] = []
+    tick = time.perf_counter()
+    for batch in _batches(run.loader, f"epoch {epoch + 1}", not run.show):
+        _set_lr(run.opt, cfg, prog.step, run.steps_per_epoch)
+        losses.append(_step(run.net, _to(batch, run.ctx.device), run.opt, run.scaler, run.amp))
+        prog.step += 1
+        prog.batch += 1
+        prog.samples += len(batch["mask"]) * run.ctx.world_size
+        if prog.step % cfg.log_every == 0:
+            now = time.perf_counter()
+            prog.train_seconds += now - tick
+            _log_window(run, losses, now - tick)
+            losses, tick = [], now
+        if cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0:
+            _save(run, "last", prog.last_metrics)
+        if cfg.max_steps and prog.step >= cfg.max_steps:
+            break
+    prog.train_seconds += time.perf_counter() - tick
+    return prog.batch >= run.steps_per_epoch
+
+
+def _save(run: _Run, name: str, metrics: dict[str, float]) -> None:
+    """Write checkpoint `out_dir/<name>` from the main process (the others carry on)."""
+    if run.ctx.is_main:
+        train_state.write_checkpoint(
+            run.out_dir / name, run.model, run.opt, run.scaler, run.progress,
+            config={"train": asdict(run.cfg), "params": run.params}, metrics=metrics,
+        )
+
+
+def _end_epoch(run: _Run, epoch: int) -> None:
+    """Validate on the main process, log, and write `last` (and `best` on a new best mIoU)."""
+    prog = run.progress
+    if run.ctx.is_main:
+        per_rank = run.cfg.batch_size // run.ctx.world_size
+        metrics, shown = validate(run.model, run.val_set, run.threshold, run.ctx.device,
+                                  per_rank, run.cfg.gallery_size)
+        run.tracker.log_metrics({mlflow_metric_name(run.val_set.split, k): v
+                                 for k, v in metrics.items()}, step=prog.step)
+        prog.last_metrics = metrics
+        is_best = metrics["mIoU"] > prog.best_metrics.get("mIoU", -1.0)
+        if is_best:
+            prog.best_metrics, prog.best_epoch = metrics, epoch + 1
+            if shown:
+                _gallery(run.val_set, shown, run.out_dir / "gallery.png")
+        _save(run, "last", metrics)
+        if is_best:
+            _save(run, "best", metrics)
+    if run.ctx.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _loop(run: _Run) -> TrainResult:
+    cfg, prog = run.cfg, run.progress
+    epochs = range(prog.epoch, cfg.epochs)
+    for epoch in tqdm(epochs, desc="epochs", disable=not run.show, dynamic_ncols=True):
+        if hasattr(run.train_set, "set_epoch"):
+            run.train_set.set_epoch(epoch)
+        run.sampler.set_epoch(epoch, skip=prog.batch)
+        finished = _train_epoch(run, epoch)
+        if finished:
+            prog.epoch, prog.batch = epoch + 1, 0
+        _end_epoch(run, epoch)
+        if not finished or (cfg.max_steps and prog.step >= cfg.max_steps):
+            break
+    if run.ctx.is_main and (run.out_dir / "best").is_dir():
+        run.tracker.log_artifact(run.out_dir / "best", "best")
+        if (run.out_dir / "gallery.png").is_file():
+            run.tracker.log_artifact(run.out_dir / "gallery.png")
+    return TrainResult(
+        out_dir=str(run.out_dir), run_id=prog.run_id, epochs=prog.epoch, steps=prog.step,
+        best_epoch=prog.best_epoch, best_metrics=prog.best_metrics,
+        last_metrics=prog.last_metrics,
+        samples_per_s=prog.samples / max(prog.train_seconds, 1e-9),
+    )
+
+
+def _setup(
+    params: dict[str, Any], cfg: TrainConfig, ctx: DistContext, data_dir: Path, out_dir: Path,
+    resume: bool, tracker: Tracker | None,
+) -> _Run:
+    """Model, data, optimizer, tracker and (with `resume`) the state of `out_dir/last`."""
+    _seed_everything(cfg.seed, cfg.deterministic)
+    model = _build(params, cfg, ctx)
+    train_set, sampler = _train_data(cfg, data_dir, model, ctx)
+    val_set = RefDataset(data_dir, cfg.val_split, model.config.input_size, model.config.word_len,
+                         sample="sentence", blind=cfg.language_blind)
+    opt = _optimizer(model, cfg)
+    amp, fp16 = _amp(cfg, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
+    source = train_state.find_resumable(out_dir) if resume else None
+    progress = train_state.Progress()
+    if source is not None:
+        progress = train_state.restore(source, model, opt, scaler)
+    if ctx.is_main:
+        _start_history(out_dir / HISTORY, progress.step if source is not None else None)
+    net: torch.nn.Module = _Net(model, cfg.freeze_backbone)
+    if ctx.world_size > 1:
+        net = DistributedDataParallel(
+            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
+    track = _tracker(cfg, ctx, tracker)
+    resolved = {**params, "train": asdict(cfg), "model": model.config.to_dict(),
+                "world_size": ctx.world_size}
+    name = cfg.run_name or f"{model.config.preset or 'cris'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    track.start(name, resolved, run_id=progress.run_id)
+    progress.run_id = track.run_id
+    if source is not None:
+        train_state.set_rng_state(source)
+    threshold = float(section(params, "eval").get("threshold", model.config.threshold))
+    loader = _loader(train_set, sampler, cfg)
+    return _Run(cfg=cfg, ctx=ctx, model=model, net=net, opt=opt, scaler=scaler, amp=amp,
+                loader=loader, sampler=sampler, train_set=train_set, val_set=val_set,
+                threshold=threshold, tracker=track, out_dir=out_dir, params=params,
+                progress=progress, steps_per_epoch=len(sampler))
+
+
+def train(
+    params: dict[str, Any], data_dir: Path, out_dir: Path, *, resume: bool = False,
+    tracker: Tracker | None = None,
+) -> TrainResult:
+    """Train CRIS on the prepared folder `data_dir`; write `out_dir/last` and `out_dir/best`.
+
+    `params` is the whole params.yaml dict (sections model, train, eval). Under torchrun
+    every process calls this; only rank 0 logs, validates and writes. `resume` continues
+    from `out_dir/last` (same weights, optimizer, RNG, epoch and batch). `tracker` replaces
+    the one `train.tracking` selects (tests).
+    """
+    cfg = TrainConfig.from_params(section(params, "train"))
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    ctx = init_distributed(cfg.device)
+    try:
+        run = _setup(params, cfg, ctx, Path(data_dir), Path(out_dir), resume, tracker)
+        try:
+            result = _loop(run)
+        except BaseException as e:
+            run.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        run.tracker.end("FINISHED")
+        return result
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        close_distributed()

@@ -1,0 +1,177 @@
+"""Training state inside a checkpoint directory, without pickle.
+
+A training checkpoint is a `save_checkpoint` directory (weights, model config, tokenizer,
+metrics; extra.json holds epoch, step and the MLflow run id) plus two files written into
+it before it is renamed into place:
+- `train_state.safetensors`: optimizer tensors (`optimizer.<param index>.<name>`) and the
+  torch / CUDA RNG states (`rng.torch`, `rng.cuda.<i>`);
+- `train_state.json`: optimizer param groups, grad-scaler state, numpy and python RNG
+  states, the `Progress` record (epoch, step, best metrics, MLflow run id) and the
+  resolved configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cris_model.checkpoint import WEIGHTS, save_checkpoint
+from cris_model.model import CRIS
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in train_state.json so `--resume` continues from it."""
+
+    epoch: int = 0  # epoch in progress, 0-based (equals train.epochs when done)
+    batch: int = 0  # batches of that epoch already trained (a resume skips them)
+    step: int = 0  # optimizer steps taken in total
+    samples: int = 0  # training samples seen, all ranks together
+    train_seconds: float = 0.0  # wall time spent in training epochs (throughput)
+    best_epoch: int = 0  # 1-based epoch whose val mIoU is the best so far (0 = none)
+    best_metrics: dict[str, float] = field(default_factory=dict)  # val metrics of best/
+    last_metrics: dict[str, float] = field(default_factory=dict)  # latest val metrics
+    run_id: str | None = None  # MLflow run id (None when tracking is off)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return tensors, {
+        "numpy": {"kind": kind, "keys": np.asarray(keys).tolist(), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(path: Path) -> None:
+    """Restore the python, numpy, torch and CUDA RNG states saved in checkpoint `path`."""
+    tensors = load_file(str(path / STATE_TENSORS))
+    rng = _read_json(path)["rng"]
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def write_checkpoint(
+    path: Path, model: CRIS, opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, progress: Progress, config: dict[str, Any],
+    metrics: dict[str, float],
+) -> Path:
+    """Write a full training checkpoint directory at `path`, replacing it atomically.
+
+    Everything goes into a temporary sibling folder which is then renamed over `path`; a
+    crash leaves either the old or the new directory (see `find_resumable`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_checkpoint(tmp, model, metrics=metrics, extra={
+            "epoch": progress.epoch, "step": progress.step, "run_id": progress.run_id})
+        opt_tensors, opt_meta = _optimizer_state(opt)
+        rng_tensors, rng_meta = _rng_state()
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
+        meta = {"progress": asdict(progress), "optimizer": opt_meta,
+                "scaler": scaler.state_dict(), "rng": rng_meta, "config": config}
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+        _swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`, moving an existing `path` aside first and deleting it after."""
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resumable(out_dir: Path) -> Path:
+    """`out_dir/last`, or the previous copy a crash mid-swap left beside it."""
+    last = Path(out_dir) / "last"
+    if (last / STATE_JSON).is_file():
+        return last
+    aside = sorted(Path(out_dir).glob(".last.old-*/" + STATE_JSON), key=lambda p: p.stat().st_mtime)
+    if aside:
+        return aside[-1].parent
+    raise FileNotFoundError(f"{last}: no training checkpoint to resume from")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    file = path / STATE_JSON
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: unreadable training state ({e})") from e
+
+
+def read_progress(path: Path) -> Progress:
+    """The `Progress` record of checkpoint directory `path`."""
+    known = {f.name for f in fields(Progress)}
+    return Progress(**{k: v for k, v in _read_json(path)["progress"].items() if k in known})
+
+
+def restore(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> Progress:
+    """Load weights, optimizer and scaler state from checkpoint `path`; return its progress.
+
+    RNG states are restored separately (`set_rng_state`), right before training resumes.
+    """
+    meta = _read_json(path)
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+        tensors = load_file(str(path / STATE_TENSORS))
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: checkpoint does not match this model/optimizer ({e})") from e
+    if scaler.is_enabled() and meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    return read_progress(path)

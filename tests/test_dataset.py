@@ -1,0 +1,137 @@
+"""The training dataset over a prepared folder, its sharded batch sampler and collate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_refer import make_prepared
+
+from cris_model.backbone import tokenize
+from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, swap_left_right
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("refer"), {"train": 4, "val": 2})
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("man on the left", "man on the right"),
+    ("Right dog, left cat", "Left dog, right cat"),
+    ("leftmost chair", "rightmost chair"),
+    ("bright light", "bright light"),
+])
+def test_swap_left_right(text: str, expected: str) -> None:
+    assert swap_left_right(text) == expected
+
+
+def test_items_have_documented_shapes_and_types(prepared: Path) -> None:
+    ds = RefDataset(prepared, "train", 96, 17)
+    assert len(ds) == 8  # 4 images x 2 referred objects
+    item = ds[0]
+    assert item["image"].shape == (3, 96, 96) and item["image"].dtype == torch.uint8
+    assert item["tokens"].shape == (17,) and item["tokens"].dtype == torch.int64
+    assert item["mask"].shape == (96, 96) and item["mask"].dtype == torch.float32
+    assert 0.0 <= float(item["mask"].min()) and float(item["mask"].max()) <= 1.0
+    row = ds.rows.iloc[item["index"]]
+    assert (row["ref_id"], row["sent_id"]) == (item["ref_id"], item["sent_id"])
+    assert torch.equal(item["tokens"], tokenize([row["sentence"]], 17)[0])
+    # the 48x64 image fills the width: mask area scales by (96/64)^2
+    area = ds.original_mask(item["index"]).sum() * (96 / 64) ** 2
+    assert abs(float(item["mask"].sum()) - area) < 0.1 * area
+
+
+def test_one_sentence_per_ref_is_seeded_by_epoch(prepared: Path) -> None:
+    ds = RefDataset(prepared, "train", 96, 17, seed=3)
+    chosen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        first = [ds[i]["sent_id"] for i in range(len(ds))]
+        assert first == [ds[i]["sent_id"] for i in range(len(ds))]  # same epoch, same draw
+        for i, sent in enumerate(first):
+            assert ds.rows.iloc[ds.groups[i]]["sent_id"].tolist().count(sent) == 1
+        chosen.update(first)
+    assert chosen == set(ds.rows["sent_id"])  # over epochs every sentence is drawn
+
+
+def test_flip_mirrors_image_and_mask_and_swaps_sides(prepared: Path) -> None:
+    plain = RefDataset(prepared, "train", 96, 17, seed=1)
+    flip = RefDataset(prepared, "train", 96, 17, seed=1, flip=True)
+    flipped = kept = 0
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        flip.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], flip[i]
+            assert a["index"] == b["index"]
+            if torch.equal(a["image"], b["image"]):
+                kept += 1
+                continue
+            flipped += 1
+            assert torch.equal(b["image"], a["image"].flip(-1))
+            assert torch.equal(b["mask"], a["mask"].flip(-1))
+            sentence = swap_left_right(plain.rows.iloc[a["index"]]["sentence"])
+            assert torch.equal(b["tokens"], tokenize([sentence], 17)[0])
+    assert flipped > 0 and kept > 0
+
+
+def test_sentence_mode_visits_every_row_and_blind_drops_text(prepared: Path) -> None:
+    ds = RefDataset(prepared, "val", 96, 17, sample="sentence", blind=True)
+    assert len(ds) == len(ds.rows) == 8
+    assert [ds[i]["index"] for i in range(len(ds))] == list(range(8))
+    assert torch.equal(ds[0]["tokens"], tokenize([""], 17)[0])
+    assert ds.original_mask(0).shape == (48, 64)
+
+
+def test_shards_of_ranks_make_the_single_process_batches() -> None:
+    single = list(ShardedBatchSampler(10, 4, seed=5))
+    ranks = [list(ShardedBatchSampler(10, 4, world_size=2, rank=r, seed=5)) for r in range(2)]
+    assert len(single) == 2  # the incomplete last batch is dropped
+    for b, batch in enumerate(single):
+        assert ranks[0][b] + ranks[1][b] == batch
+    sampler = ShardedBatchSampler(10, 4, seed=5)
+    sampler.set_epoch(0, skip=1)
+    assert list(sampler) == single[1:] and len(sampler) == 1
+    sampler.set_epoch(1)
+    assert list(sampler) != single
+    assert sorted(sum(ShardedBatchSampler(10, 4, shuffle=False, drop_last=False), [])) == list(
+        range(10))
+
+
+def test_sampler_rejects_uneven_or_empty_batches() -> None:
+    with pytest.raises(ValueError, match="multiple of world size"):
+        ShardedBatchSampler(10, 3, world_size=2)
+    with pytest.raises(ValueError, match="no full batch"):
+        ShardedBatchSampler(3, 4)
+
+
+def test_collate_stacks(prepared: Path) -> None:
+    ds = RefDataset(prepared, "train", 96, 17)
+    batch = collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 96, 96) and batch["mask"].shape == (2, 96, 96)
+    assert batch["ref_id"].dtype == torch.int64 and batch["ref_id"].shape == (2,)
+
+
+def test_missing_or_wrong_files_are_named(prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="testB.parquet"):
+        RefDataset(prepared, "testB", 96, 17)
+    broken = tmp_path / "prepared"
+    broken.mkdir()
+    (broken / "train.parquet").write_bytes((prepared / "train.parquet").read_bytes())
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        RefDataset(broken, "train", 96, 17)
+    images = tmp_path / "images"
+    images.mkdir()
+    (broken / "summary.json").write_text(json.dumps({"image_dir": str(images)}))
+    ds = RefDataset(broken, "train", 96, 17)
+    with pytest.raises(FileNotFoundError, match="img_"):
+        ds._load(0, False)
+    name = ds.rows.iloc[0]["file_name"]
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(images / name)
+    with pytest.raises(ValueError, match="manifest says 48x64"):
+        ds._load(0, False)

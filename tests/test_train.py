@@ -1,0 +1,201 @@
+"""The training loop on cris_tiny and a tiny prepared folder, CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_refer import make_prepared
+
+from cris_model.cli import main
+from cris_model.config import get_preset
+from cris_model.model import build_model
+from cris_model.train import TrainConfig, _set_lr, lr_factor, train
+
+BASE: dict[str, Any] = {
+    "model": {"preset": "cris_tiny", "random_init": True},
+    "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "tracking": False, "progress": False,
+              "log_every": 1, "gallery_size": 2},
+    "eval": {"threshold": 0.35},
+}
+
+
+def _params(**train: Any) -> dict[str, Any]:
+    return {**BASE, "train": {**BASE["train"], **train}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("refer"), {"train": 6, "val": 2})
+
+
+def test_config_rejects_unknown_keys_and_bad_values() -> None:
+    assert TrainConfig.from_params({"lr": "1e-4"}).lr == 1e-4  # YAML reads 1e-4 as text
+    with pytest.raises(ValueError, match="unknown train parameters: bogus"):
+        TrainConfig.from_params({"bogus": 1})
+    with pytest.raises(ValueError, match="train.epochs must be int"):
+        TrainConfig.from_params({"epochs": "ten"})
+    with pytest.raises(ValueError, match="test split"):
+        TrainConfig.from_params({"val_split": "testA"})
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        TrainConfig.from_params({"features_dir": "cache"})
+
+
+def test_schedules_and_clip_learning_rate() -> None:
+    step = TrainConfig(epochs=50, lr=1e-4, lr_milestones=[35], lr_gamma=0.1)
+    assert lr_factor(step, 34 * 10 + 9, 10) == 1.0
+    assert lr_factor(step, 35 * 10, 10) == pytest.approx(0.1)
+    cosine = TrainConfig(epochs=2, schedule="cosine")
+    assert lr_factor(cosine, 0, 10) == 1.0
+    assert lr_factor(cosine, 10, 10) == pytest.approx(0.5)
+    assert lr_factor(cosine, 20, 10) == pytest.approx(0.0)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([{"name": "backbone", "params": [w]},
+                            {"name": "head", "params": [torch.nn.Parameter(torch.zeros(1))]}])
+    _set_lr(opt, step, 0, 10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5, 1e-4])
+    quirk = TrainConfig(epochs=50, lr=1e-4, clip_full_lr_first_epoch=True)
+    _set_lr(opt, quirk, 9, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # reference: epoch 1 at head LR
+    _set_lr(opt, quirk, 10, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_cli_trains_writes_checkpoints_and_logs_to_mlflow(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(tracking=True, tracking_uri=uri,
+                                                  experiment="test")))
+    out = tmp_path / "run"
+    rc = main(["train", "--params", str(params_file), "--data", str(prepared), "--out", str(out),
+               "--set", "train.epochs=1"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 3 and result["epochs"] == 1  # 12 referred objects / batch 4
+    for name in ("last", "best"):
+        files = {p.name for p in (out / name).iterdir()}
+        assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json",
+                "train_state.safetensors", "train_state.json"} <= files
+    state = json.loads((out / "last" / "train_state.json").read_text())
+    assert state["progress"]["run_id"] == result["run_id"] is not None
+    assert state["progress"]["step"] == 3 and state["config"]["train"]["epochs"] == 1
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and "oIoU" in metrics
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["model.random_init"]
+    losses = client.get_metric_history(result["run_id"], "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    history = (out / "history.csv").read_text().splitlines()
+    assert history == ["step,loss"] + [f"{m.step},{m.value:.6g}" for m in losses]
+    assert client.get_metric_history(result["run_id"], "val/mIoU")[0].value == metrics["mIoU"]
+    assert client.get_metric_history(result["run_id"], "val/prec_at_0.5")[0].value == metrics[
+        "prec@0.5"]
+    assert client.get_metric_history(result["run_id"], "train/samples_per_s")[0].value > 0
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"best", "gallery.png"} <= artifacts
+    assert "best/model.safetensors" in {a.path for a in client.list_artifacts(result["run_id"],
+                                                                            "best")}
+
+
+def test_frozen_backbone_trains_only_the_head_from_images_or_feature_cache(
+    prepared: Path, tmp_path: Path
+) -> None:
+    from cris_model.features import build_feature_cache
+
+    torch.manual_seed(0)  # what train() seeds before building the model
+    model = build_model(get_preset("cris_tiny", random_init=True))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    build_feature_cache(model, prepared, "train", tmp_path / "cache")
+    runs = {
+        "images": _params(freeze_backbone=True, max_steps=1),
+        "cache": _params(freeze_backbone=True, max_steps=1,
+                         features_dir=str(tmp_path / "cache")),
+    }
+    weights, moments = {}, {}
+    for name, params in runs.items():
+        assert train(params, prepared, tmp_path / name).steps == 1
+        weights[name] = load_file(str(tmp_path / name / "last" / "model.safetensors"))
+        moments[name] = load_file(str(tmp_path / name / "last" / "train_state.safetensors"))
+        moved = {k for k in initial if not torch.equal(initial[k], weights[name][k])}
+        assert moved and all(not k.startswith("backbone.") for k in moved)
+        assert any(k.startswith("neck.") for k in moved)
+    # same samples, same masks: the gradients agree up to float noise
+    keys = [k for k in moments["images"] if k.endswith(".exp_avg")]
+    diff = sum(float((moments["images"][k] - moments["cache"][k]).norm() ** 2) for k in keys)
+    norm = sum(float(moments["images"][k].norm() ** 2) for k in keys)
+    assert (diff / norm) ** 0.5 < 1e-3
+
+
+_CLI = "import sys; from cris_model.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _cris(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "CI": "1"}
+    return subprocess.Popen([sys.executable, "-c", _CLI, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _step_of(out: Path) -> int:
+    try:
+        return json.loads((out / "last" / "train_state.json").read_text())["progress"]["step"]
+    except (OSError, json.JSONDecodeError):
+        return -1
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_same_weights(prepared: Path, tmp_path: Path) -> None:
+    params = _params(deterministic=True, checkpoint_every_steps=1)
+    params["model"] = {**params["model"], "dropout": 0.2}  # dropout: the RNG state must resume
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    common = ["train", "--params", str(params_file), "--data", str(prepared)]
+    whole = _cris(*common, "--out", str(tmp_path / "whole"))
+    killed = _cris(*common, "--out", str(tmp_path / "killed"))
+    deadline = time.monotonic() + 300
+    while _step_of(tmp_path / "killed") < 2:
+        assert killed.poll() is None, killed.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    stopped = json.loads((tmp_path / "killed" / "last" / "train_state.json").read_text())
+    assert stopped["progress"]["step"] < 6 and stopped["progress"]["batch"] > 0  # mid-epoch
+    resumed = _cris(*common, "--out", str(tmp_path / "killed"), "--resume")
+    for proc in (whole, resumed):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    a = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _step_of(tmp_path / "whole") == _step_of(tmp_path / "killed") == 6
+    whole_curve = (tmp_path / "whole" / "history.csv").read_text()
+    assert (tmp_path / "killed" / "history.csv").read_text() == whole_curve
+
+
+def test_resume_without_checkpoint_is_a_clear_error(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params()))
+    rc = main(["train", "--params", str(params_file), "--data", str(prepared),
+               "--out", str(tmp_path / "none"), "--resume"])
+    assert rc == 1
+    assert "no training checkpoint to resume from" in capsys.readouterr().err
