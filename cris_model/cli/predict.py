@@ -5,11 +5,14 @@ With N > 1 texts, file i (0-based, in the order given) gets `_i` before the suff
 `--out mask.png` writes `mask_0.png`, `mask_1.png`, ...; overlays are named the same way.
 Masks are 8-bit PNGs with values 0/255 at the input image's size. A JSON summary (one
 entry per text: text, mask path, overlay path, mask area fraction) goes to stdout.
+The model is a checkpoint directory (`--checkpoint`) or a registered MLflow model
+(`--model-uri models:/cris@champion`), downloaded to a temporary folder and loaded the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from cris_model.cli.common import print_json
@@ -34,9 +37,17 @@ def _predict(args: argparse.Namespace) -> int:
 
     texts = check_texts(args.text)
     image = load_image(args.image)
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, threshold=args.threshold
-    )
+    if args.model_uri:
+        from cris_model.registry import download_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cris-model-") as tmp:
+            path = download_checkpoint(args.model_uri, Path(tmp), args.tracking_uri)
+            predictor = Predictor.from_checkpoint(path, device=args.device,
+                                                  threshold=args.threshold)
+    else:
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, device=args.device, threshold=args.threshold
+        )
     predictor.set_image(image)
     masks = predictor.predict(texts)
     out, overlay = Path(args.out), Path(args.overlay) if args.overlay else None
@@ -55,7 +66,10 @@ def _predict(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `predict` verb."""
     p = sub.add_parser("predict", help="mask PNG(s) for referring expressions on one image")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (cris train output)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory (cris train output)")
+    source.add_argument("--model-uri", default=None,
+                        help="registered MLflow model, e.g. models:/cris@champion")
     p.add_argument("--image", required=True, help="input image (JPEG, PNG, ...)")
     p.add_argument("--text", action="append", required=True,
                    help="referring expression (repeatable: one mask per text)")
@@ -66,4 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="sigmoid threshold in (0, 1) (default: the checkpoint's config)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow tracking/registry URI for --model-uri "
+                        "(default: $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db)")
     p.set_defaults(func=_predict)
