@@ -1,0 +1,1 @@
+"""The parts of the Dagster definitions: assets, checks, resources, jobs and their params."""
