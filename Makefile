@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup setup-dvc test lint demo ui clean
+.PHONY: setup setup-dvc setup-browser test lint demo ui clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ $(DVC_STAMP): requirements-dvc.lock
 
 setup-dvc: $(DVC_STAMP)
 
-test: setup setup-dvc
+# Headless Chromium and its WebDriver from Debian packages, for tests/test_browser.py.
+# Installed only when missing; needs root (as CI has).
+setup-browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
+
+test: setup setup-dvc setup-browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup
