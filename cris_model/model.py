@@ -107,10 +107,13 @@ def _expand_batch(key: str, x: torch.Tensor, n: int) -> torch.Tensor:
     raise ValueError(f"feature {key} has batch {x.shape[0]}; expected 1 or {n} (the text batch)")
 
 
-def cris_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def cris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
     """Mean binary cross-entropy of Bx1xhxw logits against a Bx1xHxW mask in [0, 1].
 
-    The mask is resized (nearest) to the logits' size first, as the reference does.
+    The mask is resized (nearest) to the logits' size first, as the reference does. With
+    `dice_weight` > 0, that multiple of the mean soft Dice loss (1 - Dice per sample, +1
+    smoothing) is added: it keeps small objects from drowning in background pixels. The
+    paper's loss is dice_weight = 0.
     """
     if logits.ndim != 4 or mask.ndim != 4 or logits.shape[:2] != mask.shape[:2]:
         raise ValueError(
@@ -119,7 +122,12 @@ def cris_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     target = mask.to(logits.dtype)
     if target.shape[-2:] != logits.shape[-2:]:
         target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
-    return F.binary_cross_entropy_with_logits(logits, target)
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    if dice_weight:
+        prob, truth = logits.sigmoid().flatten(1), target.flatten(1)
+        dice = (2 * (prob * truth).sum(1) + 1) / (prob.sum(1) + truth.sum(1) + 1)
+        loss = loss + dice_weight * (1 - dice).mean()
+    return loss
 
 
 def build_model(config: ModelConfig) -> CRIS:

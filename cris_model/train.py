@@ -67,6 +67,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs where step LR drops
     lr_gamma: float = 0.1  # step schedule's LR factor at each milestone
     weight_decay: float = 0.0  # Adam L2 weight decay
+    dice_weight: float = 0.0  # add this multiple of a soft Dice loss to the BCE (paper: 0)
     device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
     seed: int = 0  # seeds python, numpy and torch (same on every rank)
@@ -318,12 +319,12 @@ def _batches(loader: DataLoader, desc: str, disable: bool) -> Iterator[dict[str,
 
 def _step(
     net: torch.nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, amp: Any,
+    scaler: torch.amp.GradScaler, amp: Any, dice_weight: float,
 ) -> torch.Tensor:
     """One optimizer step on a batch dict; returns the detached loss."""
     with amp:
         logits = net(batch)
-    loss = cris_loss(logits.float(), batch["mask"].unsqueeze(1).float())
+    loss = cris_loss(logits.float(), batch["mask"].unsqueeze(1).float(), dice_weight)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -391,7 +392,8 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     tick = time.perf_counter()
     for batch in _batches(run.loader, f"epoch {epoch + 1}", not run.show):
         _set_lr(run.opt, cfg, prog.step, run.steps_per_epoch)
-        losses.append(_step(run.net, _to(batch, run.ctx.device), run.opt, run.scaler, run.amp))
+        losses.append(_step(run.net, _to(batch, run.ctx.device), run.opt, run.scaler, run.amp,
+                            cfg.dice_weight))
         prog.step += 1
         prog.batch += 1
         prog.samples += len(batch["mask"]) * run.ctx.world_size

@@ -215,6 +215,18 @@ def test_loss_resizes_the_mask_and_matches_bce() -> None:
         cris_loss(logits, torch.zeros(3, 1, 8, 8))
 
 
+def test_dice_term_is_added_per_sample_and_vanishes_on_a_perfect_hard_prediction() -> None:
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, :, :2] = 1.0
+    logits = torch.randn(2, 1, 4, 4)
+    prob, truth = logits.sigmoid().flatten(1), mask.flatten(1)
+    dice = (2 * (prob * truth).sum(1) + 1) / (prob.sum(1) + truth.sum(1) + 1)
+    expected = cris_loss(logits, mask) + 0.5 * (1 - dice).mean()
+    assert torch.allclose(cris_loss(logits, mask, dice_weight=0.5), expected)
+    sure = (mask * 2 - 1) * 50.0
+    assert cris_loss(sure, mask, dice_weight=1.0) < 1e-6
+
+
 def test_tiny_preset_overfits_one_batch() -> None:
     torch.manual_seed(0)
     model = build_model(get_preset("cris_tiny", input_size=64)).train()
@@ -225,7 +237,7 @@ def test_tiny_preset_overfits_one_batch() -> None:
     tokens = tokenize(_texts(2), 17)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(40):
         loss = cris_loss(model(images, tokens), masks)
         opt.zero_grad()
         loss.backward()
