@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
@@ -36,7 +35,7 @@ from torch.utils.data import Dataset
 from cris_model.atomic import staged_dir
 from cris_model.backbone import TOKENIZER_NAME, tokenize
 from cris_model.config import ModelConfig, get_preset
-from cris_model.data.dataset import open_split
+from cris_model.data.dataset import open_split, read_image
 from cris_model.data.masks import mask_from_rle
 from cris_model.imaging import Letterbox, letterbox_image, letterbox_mask, normalize
 from cris_model.model import CRIS, build_model
@@ -96,25 +95,6 @@ def _image_groups(rows: pd.DataFrame) -> list[tuple[int, np.ndarray]]:
     """[(image_id, manifest row indices)] in order of first appearance."""
     groups = rows.groupby("image_id", sort=False).indices
     return [(int(k), np.asarray(v)) for k, v in groups.items()]
-
-
-def read_image(image_dir: Path, row: Any) -> Image.Image:
-    """A manifest row's image as stored (RGB, no EXIF rotation: masks index raw pixels).
-
-    Raises FileNotFoundError when the file cannot be read, ValueError when its size differs
-    from the manifest's height x width.
-    """
-    path = Path(image_dir) / str(row["file_name"])
-    try:
-        with Image.open(path) as img:
-            img.load()
-            image = img.convert("RGB")
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read image ({e})") from e
-    h, w = int(row["height"]), int(row["width"])
-    if (image.height, image.width) != (h, w):
-        raise ValueError(f"{path}: image is {image.height}x{image.width}, manifest says {h}x{w}")
-    return image
 
 
 def load_canvas(image_dir: Path, row: Any, size: int) -> tuple[np.ndarray, Letterbox]:

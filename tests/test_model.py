@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,13 +34,7 @@ TINY_VIT = ModelConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core machine, 2 threads ran these tests ~9x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

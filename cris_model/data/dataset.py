@@ -54,6 +54,25 @@ def open_split(data_dir: Path, split: str) -> tuple[pd.DataFrame, Path]:
     return rows.reset_index(drop=True), image_dir
 
 
+def read_image(image_dir: Path, row: Any) -> Image.Image:
+    """A manifest row's image as stored (RGB, no EXIF rotation: masks index raw pixels).
+
+    Raises FileNotFoundError when the file cannot be read, ValueError when its size differs
+    from the manifest's height x width.
+    """
+    path = Path(image_dir) / str(row["file_name"])
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = img.convert("RGB")
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read image ({e})") from e
+    h, w = int(row["height"]), int(row["width"])
+    if (image.height, image.width) != (h, w):
+        raise ValueError(f"{path}: image is {image.height}x{image.width}, manifest says {h}x{w}")
+    return image
+
+
 class RefDataset(Dataset):
     """Items of one split: dict(image 3xSxS uint8, tokens L int64, mask SxS float32 in [0,1],
     index, ref_id, sent_id), S = input_size.
@@ -108,18 +127,7 @@ class RefDataset(Dataset):
 
     def _load(self, index: int, flip: bool) -> dict[str, Any]:
         row = self.rows.iloc[index]
-        path = self.image_dir / str(row["file_name"])
-        try:
-            with Image.open(path) as img:
-                img.load()
-                image = img.convert("RGB")
-        except OSError as e:
-            raise FileNotFoundError(f"{path}: cannot read image ({e})") from e
-        h, w = int(row["height"]), int(row["width"])
-        if (image.height, image.width) != (h, w):
-            raise ValueError(
-                f"{path}: image is {image.height}x{image.width}, manifest says {h}x{w}")
-        canvas, box = letterbox_image(image, self.input_size)
+        canvas, box = letterbox_image(read_image(self.image_dir, row), self.input_size)
         mask = letterbox_mask(self.original_mask(index), box)
         sentence = "" if self.blind else str(row["sentence"])
         if flip:
