@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cris_model.atomic import staged_dir
 from cris_model.checkpoint import WEIGHTS, save_checkpoint
 from cris_model.model import CRIS
 
@@ -98,9 +97,7 @@ def write_checkpoint(
     crash leaves either the old or the new directory (see `find_resumable`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_dir(path) as tmp:
         save_checkpoint(tmp, model, metrics=metrics, extra={
             "epoch": progress.epoch, "step": progress.step, "run_id": progress.run_id})
         opt_tensors, opt_meta = _optimizer_state(opt)
@@ -109,19 +106,7 @@ def write_checkpoint(
         meta = {"progress": asdict(progress), "optimizer": opt_meta,
                 "scaler": scaler.state_dict(), "rng": rng_meta, "config": config}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        _swap_in(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`, moving an existing `path` aside first and deleting it after."""
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_resumable(out_dir: Path) -> Path:

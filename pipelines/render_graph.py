@@ -9,11 +9,11 @@ with their partitions and blocking checks; arrows are dependencies. Matplotlib o
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from dagster import AssetKey
 
+from cris_model.atomic import staged_file
 from pipelines.defs.params import REPO_ROOT
 
 DEFAULT_OUT = REPO_ROOT / "docs" / "asset_graph.png"
@@ -103,14 +103,11 @@ def render(out: Path) -> Path:
     ax.set_ylim(min(ys) - _BOX_H * 2.2, max(ys) + _BOX_H * 2.2)
     ax.set_axis_off()
     ax.set_title("CRIS asset graph (pipelines/definitions.py)", fontsize=10, pad=14)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
+        with staged_file(out) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from dagster import AssetSelection, OpExecutionContext, Output, define_asset_job, job, op
 
+from cris_model.atomic import write_text
 from pipelines.defs.assets import (
     SPLIT_PARTITIONS,
     clip_features,
@@ -74,9 +75,7 @@ def promote(
         raise RuntimeError(f"cris promote failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     answer = last_json_line(done.stdout)
     path = storage.path(PROMOTION_FILE)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(answer, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(answer, sort_keys=True) + "\n")
     context.log.info(answer.get("reason", "promoted"))
     return Output(answer, metadata={
         "model_name": str(answer.get("model_name")), "version": str(answer.get("version")),

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+
+from cris_model.atomic import staged_file
 
 THUMBNAIL_PX = 640  # longest side of an image embedded in metadata
 
@@ -59,9 +60,8 @@ def plot_curve(points: Sequence[tuple[int, float]], path: Path, title: str, ylab
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
     return path
