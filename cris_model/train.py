@@ -38,7 +38,7 @@ from tqdm import tqdm
 from cris_model import train_state
 from cris_model.atomic import write_text
 from cris_model.config import get_preset
-from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate
+from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, read_image
 from cris_model.distributed import DistContext, close_distributed, init_distributed, sync_batchnorm
 from cris_model.evaluate import mlflow_metric_name, predict_split
 from cris_model.gallery import GalleryCase, save_gallery
@@ -46,7 +46,6 @@ from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
 from cris_model.model import CRIS, build_model, cris_loss
 from cris_model.params import section
-from cris_model.predict import load_image
 from cris_model.tracking import MlflowTracker, NullTracker, Tracker
 
 _ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs
@@ -273,8 +272,8 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def validate(
     model: CRIS, dataset: RefDataset, threshold: float, device: torch.device, batch_size: int,
     gallery_size: int = 0,
-) -> tuple[dict[str, float], list[tuple[int, np.ndarray]]]:
-    """Val metrics at the original image size, and up to `gallery_size` (row, mask) pairs.
+) -> tuple[dict[str, float], list[tuple[int, np.ndarray, float]]]:
+    """Val metrics at the original image size, and up to `gallery_size` (row, mask, IoU).
 
     Predictions come from `cris_model.evaluate.predict_split` (the same maps `cris evaluate`
     scores), thresholded at `threshold` and scored with `cris_model.metrics` (mIoU, oIoU,
@@ -282,26 +281,29 @@ def validate(
     """
     rows = dataset.rows.assign(sentence="") if dataset.blind else dataset.rows
     metrics = MaskMetrics()
-    shown: list[tuple[int, np.ndarray]] = []
+    shown: list[tuple[int, np.ndarray, float]] = []
     for row, prob in predict_split(model, rows, dataset.image_dir, device=device,
                                    batch_size=batch_size):
         pred = prob > threshold
-        metrics.update(pred, dataset.original_mask(int(row.name)))
+        iou = metrics.update(pred, dataset.original_mask(int(row.name)))
         if len(shown) < gallery_size:
-            shown.append((int(row.name), pred))
+            shown.append((int(row.name), pred, iou))
     return metrics.compute(), shown
 
 
-def _gallery(dataset: RefDataset, shown: list[tuple[int, np.ndarray]], path: Path) -> Path:
-    """A PNG of val images with predicted and true masks, phrase and IoU under each."""
+def _gallery(
+    dataset: RefDataset, shown: list[tuple[int, np.ndarray, float]], path: Path
+) -> Path:
+    """A PNG of val images with predicted and true masks, phrase and IoU under each.
+
+    Images are read as stored (no EXIF rotation), the pixel grid the masks index.
+    """
     cases = []
-    for index, pred in shown:
+    for index, pred, iou in shown:
         row = dataset.rows.iloc[index]
-        image = np.asarray(load_image(dataset.image_dir / str(row["file_name"])))
-        gt = dataset.original_mask(index)
-        union = np.count_nonzero(pred | gt)
-        iou = np.count_nonzero(pred & gt) / union if union else 1.0
-        cases.append(GalleryCase(image, pred, gt, f"{row['sentence']} (IoU {iou:.2f})"))
+        image = np.asarray(read_image(dataset.image_dir, row))
+        cases.append(GalleryCase(image, pred, dataset.original_mask(index),
+                                 f"{row['sentence']} (IoU {iou:.2f})"))
     return save_gallery([(f"val predictions ({dataset.split})", cases)], path)
 
 
