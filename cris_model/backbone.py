@@ -17,8 +17,10 @@ be cached (see `CRIS.encode`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,9 @@ from open_clip.transformer import VisionTransformer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cris_model.layers import use_mean_pooling
 
 TOKENIZER_NAME = "openai-clip-bpe"  # open_clip's SimpleTokenizer over the BPE vocab it ships
 PAD_ID = 0  # padding token id; the pad mask is tokens == PAD_ID
@@ -154,6 +159,24 @@ def _resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return grid.to(pos.dtype).flatten(2)[0].transpose(0, 1)
 
 
+@contextlib.contextmanager
+def _still_bn(module: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics and batch counts left unchanged (momentum 0) while a
+    checkpointed stage is recomputed, so they move once per step as without checkpointing."""
+    norms = [(m, m.num_batches_tracked) for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.num_batches_tracked is not None]
+    saved = [(m.momentum, int(count)) for m, count in norms]
+    for m, _ in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for (m, count), (momentum, value) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            count.fill_(value)
+
+
 class ClipBackbone(nn.Module):
     """open_clip's image and text towers, read out as feature maps and word features.
 
@@ -179,6 +202,9 @@ class ClipBackbone(nn.Module):
             raise ValueError(f"vit_layers {vit_layers} must rise within 1..{depth}")
         self.vit_layers = vit_layers
         self.image_keys = VIT_IMAGE_KEYS if self.is_vit else RESNET_IMAGE_KEYS
+        self.checkpoint_stages = False  # ResNet: recompute stem..layer3 in backward (memory)
+        if not self.is_vit:
+            use_mean_pooling(self.visual)  # same numbers, faster on channels-last GPUs
         self.text_keys = TEXT_KEYS
 
     @property
@@ -229,11 +255,19 @@ class ClipBackbone(nn.Module):
 
     def _encode_resnet(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         vis = self.visual
-        x = vis.layer1(vis.stem(image.to(vis.conv1.weight.dtype)))
-        c3 = vis.layer2(x)
-        c4 = vis.layer3(c3)
+        x = self._stage(lambda t: vis.layer1(vis.stem(t)), image.to(vis.conv1.weight.dtype))
+        c3 = self._stage(vis.layer2, x)
+        c4 = self._stage(vis.layer3, c3)
         c5 = vis.layer4(c4)
         return {"img_c3": c3, "img_c4": c4, "img_c5": c5, "img_pool": self._dense_attnpool(c5)}
+
+    def _stage(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """fn(x), its activations recomputed in backward when `checkpoint_stages` is set
+        (the high-resolution stages hold most of a training step's memory)."""
+        if not (self.checkpoint_stages and self.training and torch.is_grad_enabled()):
+            return fn(x)
+        return checkpoint(fn, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _still_bn(self)))
 
     def _dense_attnpool(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP's attention pool at every position of BxCxhxw -> BxExhxw (no class token)."""

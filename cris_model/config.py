@@ -35,6 +35,7 @@ class ModelConfig:
     dim_ffn: int = 2048  # decoder feed-forward width
     dropout: float = 0.1  # decoder dropout
     kernel_size: int = 3  # side of the dynamic kernel the projector makes from the sentence
+    dynamic_conv: str = "matmul"  # how that kernel is applied: matmul (fast) | grouped (reference)
     vit_layers: tuple[int, int, int] = (4, 8, 12)  # ViT blocks (1-based) feeding strides 8/16/32
     freeze_backbone_bn: bool = False  # keep CLIP ResNet BatchNorm in eval mode during training
     threshold: float = 0.35  # sigmoid threshold that turns probabilities into a mask
@@ -81,6 +82,8 @@ class ModelConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        if self.dynamic_conv not in ("matmul", "grouped"):
+            raise ValueError(f"dynamic_conv must be matmul or grouped, got {self.dynamic_conv!r}")
         if not self.clip_model and not self.clip_config:
             raise ValueError("model config names no CLIP: set clip_model or clip_config")
         if self.random_init and self.pretrained:

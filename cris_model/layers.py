@@ -25,6 +25,59 @@ def _conv_bn_relu(
     )
 
 
+class MeanPool2d(nn.Module):
+    """kxk average pooling with stride k and no padding, as a reshape and one mean.
+
+    The same numbers as nn.AvgPool2d(k) (which floors odd sides; so does this), but a
+    channels-last input stays channels-last and is reduced in one pass, where PyTorch's
+    channels-last average-pool kernels, forward and backward, are slow on a GPU.
+    """
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        k = self.kernel
+        if k == 1:
+            return x
+        x = x[:, :, : h - h % k, : w - w % k]
+        h, w = h // k, w // k
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            pooled = x.permute(0, 2, 3, 1).reshape(b, h, k, w, k, c).mean((2, 4))
+            return pooled.permute(0, 3, 1, 2)
+        return x.reshape(b, c, h, k, w, k).mean((3, 5))
+
+
+def use_mean_pooling(module: nn.Module, enabled: bool = True) -> int:
+    """Swap every plain kxk/stride-k AvgPool2d under `module` for MeanPool2d (or back, with
+    `enabled` False), in place; -> the number swapped. No parameter or result changes."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if enabled and isinstance(child, nn.AvgPool2d) and _plain(child):
+                setattr(parent, name, MeanPool2d(_side(child.kernel_size)))
+            elif not enabled and isinstance(child, MeanPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel))
+            else:
+                continue
+            swapped += 1
+    return swapped
+
+
+def _side(value: int | tuple[int, ...]) -> int:
+    return value if isinstance(value, int) else value[0]
+
+
+def _plain(pool: nn.AvgPool2d) -> bool:
+    sizes = {_side(pool.kernel_size), _side(pool.stride or pool.kernel_size)}
+    square = all(isinstance(v, int) or len(set(v)) == 1
+                 for v in (pool.kernel_size, pool.stride or pool.kernel_size))
+    return (square and len(sizes) == 1 and pool.padding in (0, (0, 0)) and not pool.ceil_mode
+            and pool.divisor_override is None)
+
+
 def _coords(x: torch.Tensor) -> torch.Tensor:
     """BxCxHxW -> Bx(C+2)xHxW with x then y coordinates in [-1, 1] appended."""
     b, _, h, w = x.shape
@@ -69,6 +122,17 @@ def sine_positions_2d(dim: int, height: int, width: int) -> torch.Tensor:
         [col.unsqueeze(0).expand(height, -1, -1), row.unsqueeze(1).expand(-1, width, -1)], dim=-1
     )
     return grid.reshape(height * width, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _decoder_positions(
+    vis_dim: int, height: int, width: int, word_dim: int, length: int, device: torch.device,
+    vis_dtype: torch.dtype, word_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visual (h*w) x vis_dim, word length x word_dim) positions on the device, cached so a
+    forward pass makes no host-to-device copy (which would also break CUDA-graph capture)."""
+    return (sine_positions_2d(vis_dim, height, width).to(device, vis_dtype),
+            sine_positions_1d(word_dim, length).to(device, word_dtype))
 
 
 class ResNetLevels(nn.Module):
@@ -215,8 +279,8 @@ class VLDecoder(nn.Module):
         self, vis: torch.Tensor, words: torch.Tensor, pad_mask: torch.Tensor
     ) -> torch.Tensor:
         b, d, h, w = vis.shape
-        vis_pos = sine_positions_2d(d, h, w).to(vis.device, vis.dtype)
-        word_pos = sine_positions_1d(words.shape[-1], words.shape[1]).to(words.device, words.dtype)
+        vis_pos, word_pos = _decoder_positions(d, h, w, words.shape[-1], words.shape[1],
+                                               vis.device, vis.dtype, words.dtype)
         x = vis.flatten(2).transpose(1, 2)
         for layer in self.layers:
             x = layer(x, words, vis_pos, word_pos, pad_mask)
@@ -227,14 +291,20 @@ class Projector(nn.Module):
     """Decoder map BxDxhxw + sentence BxE -> Bx1x(4h)x(4w) logits.
 
     The map is upsampled twice (x2, conv-BN-ReLU each) to D/2 channels; the sentence feature
-    is mapped to one kxk kernel over those channels plus a bias per sample, applied as a
-    grouped convolution (one group per sample).
+    is mapped to one kxk kernel over those channels plus a bias per sample, and that
+    per-sample kernel is applied to the sample's map (a dynamic convolution).
+    `dynamic_conv` (ModelConfig) picks how: "matmul" or "grouped", the reference's grouped
+    convolution with one group per sample; both compute the same function.
     """
 
-    def __init__(self, vis_dim: int, sentence_dim: int, kernel_size: int = 3) -> None:
+    def __init__(
+        self, vis_dim: int, sentence_dim: int, kernel_size: int = 3,
+        dynamic_conv: str = "matmul",
+    ) -> None:
         super().__init__()
         mid = vis_dim // 2
         self.kernel_size = kernel_size
+        self.dynamic_conv = dynamic_conv
         self.vis = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             _conv_bn_relu(vis_dim, vis_dim, 3),
@@ -246,9 +316,43 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         x = self.vis(x)
-        b, c, h, w = x.shape
+        b, c = x.shape[:2]
         params = self.txt(sentence)
         weight = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight, params[:, -1],
-                       padding=self.kernel_size // 2, groups=b)
-        return out.transpose(0, 1)
+        if self.dynamic_conv == "grouped":
+            return grouped_dynamic_conv(x, weight, params[:, -1])
+        return matmul_dynamic_conv(x, weight, params[:, -1])
+
+
+def grouped_dynamic_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """BxCxHxW maps, BxCxkxk kernels, B biases -> Bx1xHxW, one grouped convolution with a
+    group per sample ('same' zero padding, k odd)."""
+    b, c, h, w = x.shape
+    out = F.conv2d(x.reshape(1, b * c, h, w), weight, bias, padding=weight.shape[-1] // 2,
+                   groups=b)
+    return out.transpose(0, 1)
+
+
+def matmul_dynamic_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """The same function as `grouped_dynamic_conv`, as one batched matrix product.
+
+    Each sample's k*k kernel taps are contracted with its channels at every pixel (B x k*k x
+    HW), then the k*k tap maps are shifted into place and summed in float32. Grouped
+    convolutions with one output channel per group run far below the matrix units' rate,
+    forward and backward; this runs at the rate of a batched matmul and reads the map once.
+    """
+    b, c, h, w = x.shape
+    k = weight.shape[-1]
+    pad = k // 2
+    taps = torch.matmul(weight.reshape(b, c, k * k).transpose(1, 2), x.flatten(2))
+    taps = taps.to(torch.promote_types(taps.dtype, torch.float32))
+    taps = F.pad(taps.reshape(b, k * k, h, w), (pad, pad, pad, pad))
+    out = bias.to(taps.dtype)[:, None, None].expand(b, h, w)
+    for i in range(k):
+        for j in range(k):
+            out = out + taps[:, i * k + j, i:i + h, j:j + w]
+    return out.unsqueeze(1)

@@ -156,7 +156,8 @@ def _assemble(config: ModelConfig, clip: nn.Module) -> CRIS:
     neck = TextFPN(config.fpn_in, config.fpn_out, backbone.sentence_dim)
     decoder = VLDecoder(config.num_layers, config.vis_dim, config.num_heads, config.dim_ffn,
                         config.dropout, backbone.word_dim)
-    projector = Projector(config.vis_dim, backbone.sentence_dim, config.kernel_size)
+    projector = Projector(config.vis_dim, backbone.sentence_dim, config.kernel_size,
+                          config.dynamic_conv)
     return CRIS(config, backbone, levels, neck, decoder, projector)
 
 
