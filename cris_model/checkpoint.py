@@ -55,8 +55,8 @@ def _read_json(path: Path) -> Any:
         raise FileNotFoundError(f"{path}: checkpoint file missing")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e.__class__.__name__}: {e})") from e
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:

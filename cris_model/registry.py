@@ -10,7 +10,10 @@ registered-model tag `champion_history` (comma-separated versions, newest last) 
 
 Registration is idempotent: a version is identified by its training run id and checkpoint
 SHA-256 (tags set atomically with the version), and registering the same pair again reuses
-that version instead of creating another one, so a retried registration is safe.
+that version instead of creating another one, so a retried registration is safe. `register`
+itself retries while the tracking server is unreachable (`RegistryConfig.retries`, doubling
+waits), and should a lost response have made MLflow create the same version twice, keeps
+the first and deletes the copy: one model version per training run and checkpoint.
 """
 
 from __future__ import annotations
@@ -20,17 +23,25 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cris_model.checkpoint import META_FILES, WEIGHTS, read_checkpoint_meta
 from cris_model.params import section
-from cris_model.tracking import MlflowTracker, default_tracking_uri
+from cris_model.tracking import (
+    MlflowTracker,
+    client_errors,
+    default_tracking_uri,
+    fluent_uris,
+    unreachable,
+)
 
 CHALLENGER = "challenger"  # alias of the newest registered version
 CHAMPION = "champion"  # alias of the version in service
@@ -38,6 +49,8 @@ HISTORY_TAG = "champion_history"  # registered-model tag: replaced champions, ne
 ROLLED_BACK_TAG = "rolled_back"  # version tag set when a rollback removes it from service
 MODEL_ARTIFACT = "model"  # name of the logged model inside its run
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\- ]+$")
+_KEYS = ("model_name", "promote_margin", "data_version", "retries", "retry_backoff_s")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ class RegistryConfig:
     data_version: str = ""  # data version tag; "" = hash of the prepared manifests, if given
     tracking_uri: str = ""  # "" = train.tracking_uri, else $MLFLOW_TRACKING_URI or ./mlruns.db
     experiment: str = "cris"  # experiment of a new registration run (train.experiment)
+    retries: int = 4  # further attempts while the tracking server is unreachable
+    retry_backoff_s: float = 2.0  # wait before the first retry; doubles on each one
 
     def resolved_uri(self) -> str:
         """The tracking (and registry) URI to use."""
@@ -61,20 +76,25 @@ def registry_config(params: Mapping[str, Any], tracking_uri: str = "") -> Regist
     `tracking_uri`, when given, wins over params. Unknown registry keys are a ValueError.
     """
     reg, train = section(dict(params), "registry"), section(dict(params), "train")
-    unknown = sorted(set(reg) - {"model_name", "promote_margin", "data_version"})
+    unknown = sorted(set(reg) - set(_KEYS))
     if unknown:
         raise ValueError(f"unknown registry parameter(s): {', '.join(unknown)}")
     default = RegistryConfig()
     name = str(reg.get("model_name") or default.model_name)
     if not _NAME_RE.match(name):
         raise ValueError(f"registry.model_name {name!r} is not a valid model name")
-    margin = reg.get("promote_margin", default.promote_margin)
-    try:
-        margin = float(margin)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"registry.promote_margin {margin!r} is not a number") from e
+    numbers: dict[str, float] = {}
+    for key in ("promote_margin", "retries", "retry_backoff_s"):
+        value = reg.get(key, getattr(default, key))
+        try:
+            numbers[key] = float(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"registry.{key} {value!r} is not a number") from e
+    if numbers["retries"] < 0 or numbers["retry_backoff_s"] < 0:
+        raise ValueError("registry.retries and registry.retry_backoff_s must be >= 0")
     return RegistryConfig(
-        model_name=name, promote_margin=margin,
+        model_name=name, promote_margin=numbers["promote_margin"],
+        retries=int(numbers["retries"]), retry_backoff_s=numbers["retry_backoff_s"],
         data_version=str(reg.get("data_version") or ""),
         tracking_uri=tracking_uri or str(train.get("tracking_uri") or ""),
         experiment=str(train.get("experiment") or default.experiment),
@@ -185,10 +205,34 @@ def _run_exists(client: Any, run_id: str | None) -> bool:
 
 
 def _find_version(client: Any, name: str, tags: Mapping[str, str]) -> Any | None:
-    """The lowest version of `name` carrying every one of `tags`, or None."""
+    """The lowest version of `name` carrying every one of `tags`, or None; any other version
+    with the same tags (MLflow re-sending a create whose answer was lost) is deleted."""
     clauses = [f"name = '{name}'"] + [f"tags.{k} = '{v}'" for k, v in tags.items()]
-    found = client.search_model_versions(" and ".join(clauses))
-    return min(found, key=lambda mv: int(mv.version)) if found else None
+    found = sorted(client.search_model_versions(" and ".join(clauses)),
+                   key=lambda mv: int(mv.version))
+    for copy in found[1:]:
+        client.delete_model_version(name, copy.version)
+    return found[0] if found else None
+
+
+def _retrying(action: Callable[[], _T], uri: str, config: RegistryConfig) -> _T:
+    """Run `action` again, after doubling waits, while the tracking server is unreachable;
+    RuntimeError naming `uri` once `config.retries` further attempts have failed too."""
+    failures: tuple[type[BaseException], ...] = (*client_errors(), RuntimeError)
+    for attempt in range(config.retries + 1):
+        try:
+            return action()
+        except failures as e:
+            if not unreachable(e):
+                raise
+            if attempt == config.retries:
+                raise RuntimeError(f"{uri}: MLflow unreachable after {attempt + 1} attempt(s) "
+                                   f"({str(e).strip().splitlines()[0][:200]})") from e
+            wait = config.retry_backoff_s * 2**attempt
+            print(f"cris: warning: {uri}: MLflow unreachable; retrying in {wait:g} s",
+                  file=sys.stderr)
+            time.sleep(wait)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _stage_checkpoint(checkpoint: Path, dest: Path) -> Path:
@@ -205,7 +249,7 @@ def _stage_checkpoint(checkpoint: Path, dest: Path) -> Path:
 def _log_model(checkpoint: Path, uri: str, experiment: str, run_id: str | None,
                params: Mapping[str, Any]) -> tuple[str, str]:
     """Log the checkpoint as a pyfunc model from code into `run_id` (None: a new run in
-    `experiment`); return (model URI, run id). Sets MLflow's process-wide tracking URI."""
+    `experiment`); return (model URI, run id)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -216,8 +260,6 @@ def _log_model(checkpoint: Path, uri: str, experiment: str, run_id: str | None,
         tracker = MlflowTracker(uri, experiment)
         tracker.start("register", params)
         run_id = tracker.run_id
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     with tempfile.TemporaryDirectory(prefix="cris-register-") as tmp:
         staged = _stage_checkpoint(checkpoint, Path(tmp) / "checkpoint")
         try:
@@ -282,7 +324,7 @@ def register(
     train_run = run_id or meta["extra"].get("run_id") or None
     key = {"train_run_id": train_run or "none",
            "checkpoint_sha256": _sha256([checkpoint / WEIGHTS])}
-    uri, name = config.resolved_uri(), config.model_name
+    uri = config.resolved_uri()
     tags = {
         **key,
         "dataset": _dataset(data_dir, dataset),
@@ -291,7 +333,15 @@ def register(
         "git_commit": git_commit(),
         **{_metric_tag(k): repr(v) for k, v in sorted(metrics.items())},
     }
-    with _mlflow_errors(uri):
+    return _retrying(lambda: _register(checkpoint, config, key, tags, run_id, train_run),
+                     uri, config)
+
+
+def _register(checkpoint: Path, config: RegistryConfig, key: dict[str, str],
+              tags: dict[str, str], run_id: str | None, train_run: str | None) -> dict[str, Any]:
+    """One attempt of `register`: reuse the version with this key, or log and create one."""
+    uri, name = config.resolved_uri(), config.model_name
+    with _mlflow_errors(uri), fluent_uris(uri):  # logging and resolving the model use both
         client = _client(uri)
         existing = _find_version(client, name, key)
         if existing is None:
@@ -300,9 +350,11 @@ def register(
             model_uri, logged_run = _log_model(
                 checkpoint, uri, config.experiment, into,
                 {"registry": {"checkpoint": str(checkpoint), **tags}})
-            version = str(client.create_model_version(
-                name, model_uri, run_id=logged_run, tags=tags,
-                model_id=model_uri.removeprefix("models:/")).version)
+            client.create_model_version(name, model_uri, run_id=logged_run, tags=tags,
+                                        model_id=model_uri.removeprefix("models:/"))
+            created = _find_version(client, name, key)
+            assert created is not None, "a version was just created with these tags"
+            version = str(created.version)
         else:
             version, logged_run = str(existing.version), str(existing.run_id)
             for k, v in tags.items():
@@ -423,8 +475,9 @@ def download_checkpoint(model_uri: str, dest: Path, tracking_uri: str = "") -> P
 
     uri = tracking_uri or default_tracking_uri()
     try:
-        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dest),
-                                        tracking_uri=uri, registry_uri=uri))
+        with fluent_uris(uri):  # models:/ resolution reads the process-wide registry URI
+            local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dest),
+                                            tracking_uri=uri, registry_uri=uri))
         flavor = Model.load(str(local)).flavors.get("python_function", {})
     except MlflowException as e:
         raise ValueError(f"{model_uri}: cannot fetch the model from {uri} ({e})") from e

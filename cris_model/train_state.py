@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cris_model.atomic import staged_dir
@@ -61,7 +63,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def set_rng_state(path: Path) -> None:
     """Restore the python, numpy, torch and CUDA RNG states saved in checkpoint `path`."""
-    tensors = load_file(str(path / STATE_TENSORS))
+    tensors = _load_tensors(path / STATE_TENSORS)
     rng = _read_json(path)["rng"]
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
@@ -72,6 +74,14 @@ def set_rng_state(path: Path) -> None:
                          n["has_gauss"], n["cached_gaussian"]))
     p = rng["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (read without pickle); ValueError naming it if unreadable."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: unreadable safetensors file ({e})") from e
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -109,6 +119,28 @@ def write_checkpoint(
     return path
 
 
+def recover(out_dir: Path, names: tuple[str, ...] = ("last", "best")) -> list[str]:
+    """Undo what a kill mid-write left in `out_dir`; returns what it changed, as text.
+
+    A checkpoint `name` whose swap was cut between moving the old copy aside and renaming
+    the new one in is missing; its newest `.name.old-*` copy is put back (the state the
+    training progress in `last` refers to). Stale `.name.tmp-*` folders (a write cut short,
+    `..name.tmp-*` for the weights staged inside one) and older `.name.old-*` copies are
+    removed.
+    """
+    out_dir, done = Path(out_dir), []
+    for name in names:
+        aside = sorted(out_dir.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if aside and not (out_dir / name).exists():
+            aside.pop().rename(out_dir / name)
+            done.append(f"restored {name} from the copy a cut-short swap left aside")
+        staged = [*out_dir.glob(f".{name}.tmp-*"), *out_dir.glob(f"..{name}.tmp-*")]
+        for stale in [*aside, *staged]:
+            shutil.rmtree(stale, ignore_errors=True)
+            done.append(f"removed {stale.name}")
+    return done
+
+
 def find_resumable(out_dir: Path) -> Path:
     """`out_dir/last`, or the previous copy a crash mid-swap left beside it."""
     last = Path(out_dir) / "last"
@@ -123,15 +155,30 @@ def find_resumable(out_dir: Path) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     file = path / STATE_JSON
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{file}: unreadable training state ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return meta
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The configuration a training checkpoint was written with: {"train", "params",
+    "data_version"} ({} for checkpoints that recorded none)."""
+    config = _read_json(path).get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / STATE_JSON}: 'config' is not an object")
+    return config
 
 
 def read_progress(path: Path) -> Progress:
     """The `Progress` record of checkpoint directory `path`."""
     known = {f.name for f in fields(Progress)}
-    return Progress(**{k: v for k, v in _read_json(path)["progress"].items() if k in known})
+    saved = _read_json(path).get("progress")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path / STATE_JSON}: no 'progress' object")
+    return Progress(**{k: v for k, v in saved.items() if k in known})
 
 
 def restore(
@@ -143,9 +190,9 @@ def restore(
     RNG states are restored separately (`set_rng_state`), right before training resumes.
     """
     meta = _read_json(path)
+    weights, tensors = _load_tensors(path / WEIGHTS), _load_tensors(path / STATE_TENSORS)
     try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)))
-        tensors = load_file(str(path / STATE_TENSORS))
+        model.load_state_dict(weights)
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -155,8 +202,8 @@ def restore(
             pid, name = key.split(".", 1)
             state.setdefault(int(pid), {})[name] = value
         opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: checkpoint does not match this model/optimizer ({e})") from e
-    if scaler.is_enabled() and meta["scaler"]:
+    if scaler.is_enabled() and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return read_progress(path)

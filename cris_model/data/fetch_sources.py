@@ -153,7 +153,9 @@ def split_s3_url(url: str) -> tuple[str, str]:
 def s3_client(endpoint_url: str | None, policy: RetryPolicy) -> Any:
     """A boto3 S3 client; endpoint from the argument, else $CRIS_S3_ENDPOINT_URL, else boto3's.
 
-    boto3's own retries are off (our policy retries whole transfers, resuming them).
+    boto3's own retries are off (our policy retries whole transfers, resuming them). Each
+    client comes from a fresh session, so it reads the credentials in the environment now,
+    not those boto3's default session cached at its first use.
     """
     import boto3
     from botocore.config import Config
@@ -165,7 +167,7 @@ def s3_client(endpoint_url: str | None, policy: RetryPolicy) -> Any:
         read_timeout=policy.timeout_s,
         s3={"addressing_style": "path"} if url else None,
     )
-    return boto3.client("s3", endpoint_url=url, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=url, config=config)
 
 
 @contextmanager

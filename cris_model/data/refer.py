@@ -109,9 +109,15 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def _check_plain(obj: Any, path: Path) -> None:
-    stack = [obj]
+    """Every object reachable from `obj` is plain data; each container is visited once, so
+    a small pickle of shared references (a "billion laughs" of nested lists) stays cheap."""
+    stack, seen = [obj], set()
     while stack:
         item = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
         if type(item) not in _PLAIN:
             raise ValueError(f"{path}: pickle holds a {type(item).__name__}; expected plain data")
         if isinstance(item, dict):
@@ -249,7 +255,7 @@ def read_refs(path: Path, dataset: str, split_by: str) -> list[Ref]:
     if grouped:
         try:
             data = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
     else:
         data = load_plain_pickle(path)
@@ -326,7 +332,7 @@ def read_instances(path: Path) -> Instances:
         raise FileNotFoundError(f"{path}: instances file not found")
     try:
         data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level is a {type(data).__name__}, expected a dict")
