@@ -7,6 +7,8 @@ the cached features and return maps at the original image size.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from cris_model.accel import CapturedCall, prepare_for_inference
 from cris_model.atomic import staged_file
 from cris_model.backbone import tokenize
 from cris_model.checkpoint import load_checkpoint
@@ -22,6 +25,7 @@ from cris_model.model import CRIS
 
 OVERLAY_COLOUR = (255, 40, 40)  # RGB of the mask tint drawn by `overlay_mask`
 OVERLAY_ALPHA = 0.5  # opacity of that tint over masked pixels, in [0, 1]
+HEAD_GRAPHS = 8  # expression counts a fast Predictor keeps a captured graph for (others: eager)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -29,16 +33,20 @@ def load_image(path: str | Path) -> Image.Image:
 
     Applies the EXIF orientation; grayscale, palette and CMYK images are converted to RGB;
     transparent pixels are composited onto white. Raises FileNotFoundError when the file
-    is missing and ValueError naming the file when it cannot be decoded.
+    is missing and ValueError naming the file when it cannot be decoded or has more pixels
+    than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, read before decoding).
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: image file not found")
     try:
-        with Image.open(p) as img:
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise ValueError(f"{p}: not a readable image ({e})") from e
     if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
         rgba = upright.convert("RGBA")
@@ -74,19 +82,34 @@ def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 class Predictor:
-    """One image, many referring expressions, against a CRIS model in eval mode."""
+    """One image, many referring expressions, against a CRIS model in eval mode.
+
+    On a GPU (`fast`, the default there) it serves a copy of the model with BatchNorm
+    folded, bf16 weights and channels-last layout, and replays CUDA graphs: one for the
+    image encoder (the letterboxed input never changes shape) and one per number of
+    expressions. On the CPU the model runs as given, in float32.
+    """
 
     def __init__(
-        self, model: CRIS, threshold: float | None = None, device: str | torch.device = "cpu"
+        self, model: CRIS, threshold: float | None = None, device: str | torch.device = "cpu",
+        fast: bool | None = None,
     ) -> None:
         t = model.config.threshold if threshold is None else threshold
         if not 0.0 < t < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {t}")
         self.device = torch.device(device)
+        self.fast = self.device.type == "cuda" if fast is None else fast
+        if self.fast and self.device.type != "cuda":
+            raise ValueError(f"fast inference needs a CUDA device, got {self.device}")
+        if self.fast:
+            model = copy.deepcopy(model)
+            prepare_for_inference(model, torch.bfloat16, channels_last=True)
         self.model = model.to(self.device).eval()
         self.threshold = float(t)
         self._features: dict[str, torch.Tensor] | None = None
         self._box: Letterbox | None = None
+        self._encoder: CapturedCall | None = None
+        self._heads: dict[int, CapturedCall] = {}
 
     @classmethod
     def from_checkpoint(
@@ -106,8 +129,13 @@ class Predictor:
         """Letterbox an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array) and encode it once."""
         canvas, box = letterbox_image(_to_pil(image), self.model.config.input_size)
         x = normalize(torch.tensor(canvas).permute(2, 0, 1)[None].to(self.device))
-        with torch.inference_mode():
-            self._features = self.model.encode_image(x)
+        if self.fast:
+            if self._encoder is None:
+                self._encoder = CapturedCall(self.model.encode_image, [x])
+            self._features = self._encoder(x)
+        else:
+            with torch.inference_mode():
+                self._features = self.model.encode_image(x)
         self._box = box
 
     def reset_image(self) -> None:
@@ -122,11 +150,24 @@ class Predictor:
             raise RuntimeError("no image set: call set_image first")
         tokens = tokenize(items, self.model.config.word_len).to(self.device)
         with torch.inference_mode():
-            text = self.model.encode_text(tokens)
-            logits = self.model.head({**self._features, **text})
+            logits = self._logits(tokens, self._features)
             probs = torch.sigmoid(logits.float())
             maps = [undo_letterbox(p[0], self._box).clamp_(0.0, 1.0) for p in probs]
         return [m.cpu().numpy() for m in maps]
+
+    def _logits(self, tokens: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NxL tokens against the image features -> Nx1xhxw logits (graph replay when fast)."""
+        keys = self.model.image_keys
+        n = tokens.shape[0]
+        if not self.fast or (n not in self._heads and len(self._heads) >= HEAD_GRAPHS):
+            return self.model.head({**features, **self.model.encode_text(tokens)})
+        if n not in self._heads:
+            def head(text: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
+                image = dict(zip(keys, maps, strict=True))
+                return self.model.head({**image, **self.model.encode_text(text)})
+
+            self._heads[n] = CapturedCall(head, [tokens, *(features[k] for k in keys)])
+        return self._heads[n](tokens, *(features[k] for k in keys))
 
     def predict(self, texts: str | Sequence[str]) -> list[np.ndarray]:
         """Per-expression boolean HxW masks at the original image size (prob > threshold)."""

@@ -19,9 +19,11 @@ Choices against the reference implementation (decided, and parameters):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Sized
 from contextlib import nullcontext
@@ -46,7 +48,8 @@ from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
 from cris_model.model import CRIS, build_model, cris_loss
 from cris_model.params import section
-from cris_model.tracking import MlflowTracker, NullTracker, Tracker
+from cris_model.registry import data_version
+from cris_model.tracking import SPOOL, MlflowTracker, NullTracker, Tracker
 
 _ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs
 HISTORY = "history.csv"  # per-window training loss (step,loss) in out_dir: DVC's loss plot
@@ -69,6 +72,9 @@ class TrainConfig:
     dice_weight: float = 0.0  # add this multiple of a soft Dice loss to the BCE (paper: 0)
     device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
+    memory_format: str = "auto"  # auto (channels_last on GPU) | channels_last | contiguous
+    fused_optimizer: bool = True  # fused Adam kernel on GPU: one launch per step, not per op
+    activation_checkpointing: bool = False  # recompute CLIP ResNet stages in backward (memory)
     seed: int = 0  # seeds python, numpy and torch (same on every rank)
     deterministic: bool = False  # torch deterministic algorithms (exact resume; slower)
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -81,10 +87,12 @@ class TrainConfig:
     log_every: int = 10  # steps between logged train metrics
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
     checkpoint_every_steps: int = 0  # also write `last` every N steps mid-epoch (0 = epoch ends)
+    auto_resume: bool = False  # continue out/last if it is an unfinished run of these params+data
     find_unused_parameters: bool = False  # DDP option; only for models with unused parameters
     tracking: bool = True  # log to MLflow
     tracking_uri: str = ""  # MLflow URI; "" = $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db
     experiment: str = "cris"  # MLflow experiment name
+    tracking_retry_s: float = 30.0  # MLflow unreachable: seconds between retries (records kept)
     run_name: str = ""  # MLflow run name ("" = preset and time)
     gallery_size: int = 8  # val predictions drawn into the gallery PNG artifact
     progress: bool = True  # tqdm bars on the main process (off when $CI is set)
@@ -107,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"train.schedule must be step or cosine, got {self.schedule!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if self.memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ValueError("train.memory_format must be auto|channels_last|contiguous, got "
+                             f"{self.memory_format!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
         if self.val_split.startswith("test"):
@@ -174,6 +185,8 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels
 
 
 def _amp(cfg: TrainConfig, device: torch.device) -> tuple[Any, bool]:
@@ -194,25 +207,42 @@ class _Net(torch.nn.Module):
     `CRIS.encode`) from the feature cache.
     """
 
-    def __init__(self, model: CRIS, freeze_backbone: bool) -> None:
+    def __init__(
+        self, model: CRIS, freeze_backbone: bool, memory_format: torch.memory_format
+    ) -> None:
         super().__init__()
         self.model, self.freeze_backbone = model, freeze_backbone
+        self.memory_format = memory_format
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "image" not in batch:
-            return self.model.head({k: v for k, v in batch.items() if k not in _ID_KEYS})
-        image = normalize(batch["image"])
+            return self.model.head({k: self._layout(v) for k, v in batch.items()
+                                    if k not in _ID_KEYS})
+        image = self._layout(normalize(batch["image"]))
         if not self.freeze_backbone:
             return self.model(image, batch["tokens"])
         with torch.no_grad():
             feats = self.model.encode(image, batch["tokens"])
         return self.model.head(feats)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
+
+
+def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """Layout of images, feature maps and conv weights: channels-last (NHWC) lets the GPU's
+    matrix units run convolutions without transposing every activation."""
+    name = cfg.memory_format
+    if name == "auto":
+        name = "channels_last" if device.type == "cuda" else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
 
 def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
     """The model from params `model:`, with the train-time freezes applied, on the device."""
     model_params = dict(section(params, "model"))
     model = build_model(get_preset(model_params.pop("preset", "cris_tiny"), **model_params))
+    model.backbone.checkpoint_stages = cfg.activation_checkpointing
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     elif cfg.freeze_token_embedding:
@@ -222,7 +252,7 @@ def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
         for p in frozen:
             p.requires_grad_(False)
     sync_batchnorm(model, ctx)
-    return model.to(ctx.device)
+    return model.to(ctx.device).to(memory_format=memory_format(cfg, ctx.device))
 
 
 def _optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -230,8 +260,9 @@ def _optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"name": "backbone", "params": [p for p in model.backbone_parameters() if p.requires_grad]},
         {"name": "head", "params": [p for p in model.head_parameters() if p.requires_grad]},
     ]
+    fused = cfg.fused_optimizer and next(model.parameters()).is_cuda
     return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _train_mode(model: CRIS, cfg: TrainConfig) -> None:
@@ -262,7 +293,7 @@ def _loader(dataset: Dataset, sampler: Any, cfg: TrainConfig) -> DataLoader:
     """A loader whose own generator keeps worker seeding off the global torch RNG."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                       collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=torch.device(cfg.device).type == "cuda")
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -307,12 +338,13 @@ def _gallery(
     return save_gallery([(f"val predictions ({dataset.split})", cases)], path)
 
 
-def _tracker(cfg: TrainConfig, ctx: DistContext, given: Tracker | None) -> Tracker:
+def _tracker(cfg: TrainConfig, ctx: DistContext, given: Tracker | None, out_dir: Path) -> Tracker:
     if given is not None and ctx.is_main:
         return given
     if not (cfg.tracking and ctx.is_main):
         return NullTracker()
-    return MlflowTracker(cfg.tracking_uri, cfg.experiment)
+    return MlflowTracker(cfg.tracking_uri, cfg.experiment, spool=out_dir / SPOOL,
+                         retry_s=cfg.tracking_retry_s)
 
 
 def _batches(loader: DataLoader, desc: str, disable: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -355,6 +387,7 @@ class _Run:
     params: dict[str, Any]
     progress: train_state.Progress
     steps_per_epoch: int
+    data_version: str  # hash of the training data's manifests (what auto_resume compares)
 
     @property
     def show(self) -> bool:
@@ -376,12 +409,22 @@ def _log_window(run: _Run, losses: list[torch.Tensor], seconds: float) -> None:
             f.write(f"{run.progress.step},{loss.item():.6g}\n")
 
 
+def _history_step(row: str) -> int:
+    """The step of a `step,loss` row; a row a kill cut short counts as later than any step."""
+    step, _, loss = row.partition(",")
+    try:
+        float(loss)
+        return int(step)
+    except ValueError:
+        return 1 << 62
+
+
 def _start_history(path: Path, resumed_step: int | None) -> None:
     """Start the loss curve file anew, or on resume keep only the rows up to the resumed step."""
     rows: list[str] = []
     if resumed_step is not None and path.is_file():
         rows = [r for r in path.read_text(encoding="utf-8").splitlines()[1:]
-                if int(r.split(",", 1)[0]) <= resumed_step]
+                if _history_step(r) <= resumed_step]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, "".join(f"{r}\n" for r in ["step,loss", *rows]))
 
@@ -417,7 +460,8 @@ def _save(run: _Run, name: str, metrics: dict[str, float]) -> None:
     if run.ctx.is_main:
         train_state.write_checkpoint(
             run.out_dir / name, run.model, run.opt, run.scaler, run.progress,
-            config={"train": asdict(run.cfg), "params": run.params}, metrics=metrics,
+            config={"train": asdict(run.cfg), "params": run.params,
+                    "data_version": run.data_version}, metrics=metrics,
         )
 
 
@@ -436,9 +480,9 @@ def _end_epoch(run: _Run, epoch: int) -> None:
             prog.best_metrics, prog.best_epoch = metrics, epoch + 1
             if shown:
                 _gallery(run.val_set, shown, run.out_dir / "gallery.png")
-        _save(run, "last", metrics)
-        if is_best:
+        if is_best:  # best before last: a kill between them resumes before this epoch's end
             _save(run, "best", metrics)
+        _save(run, "last", metrics)
     if run.ctx.world_size > 1:
         torch.distributed.barrier()
 
@@ -481,19 +525,27 @@ def _setup(
     opt = _optimizer(model, cfg)
     amp, fp16 = _amp(cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
+    if resume and ctx.is_main:
+        for change in train_state.recover(out_dir):
+            print(f"cris: resume: {change}", file=sys.stderr)
+    if resume and ctx.world_size > 1:
+        torch.distributed.barrier()
     source = train_state.find_resumable(out_dir) if resume else None
     progress = train_state.Progress()
     if source is not None:
         progress = train_state.restore(source, model, opt, scaler)
+        if ctx.is_main:
+            print(f"cris: resume: from {source} at epoch {progress.epoch + 1}, batch "
+                  f"{progress.batch}, step {progress.step}", file=sys.stderr)
     if ctx.is_main:
         _start_history(out_dir / HISTORY, progress.step if source is not None else None)
-    net: torch.nn.Module = _Net(model, cfg.freeze_backbone)
+    net: torch.nn.Module = _Net(model, cfg.freeze_backbone, memory_format(cfg, ctx.device))
     if ctx.world_size > 1:
         net = DistributedDataParallel(
             net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters,
         )
-    track = _tracker(cfg, ctx, tracker)
+    track = _tracker(cfg, ctx, tracker, out_dir)
     resolved = {**params, "train": asdict(cfg), "model": model.config.to_dict(),
                 "world_size": ctx.world_size}
     name = cfg.run_name or f"{model.config.preset or 'cris'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -506,7 +558,31 @@ def _setup(
     return _Run(cfg=cfg, ctx=ctx, model=model, net=net, opt=opt, scaler=scaler, amp=amp,
                 loader=loader, sampler=sampler, train_set=train_set, val_set=val_set,
                 threshold=threshold, tracker=track, out_dir=out_dir, params=params,
-                progress=progress, steps_per_epoch=len(sampler))
+                progress=progress, steps_per_epoch=len(sampler),
+                data_version=data_version(data_dir))
+
+
+def _unfinished_run(params: dict[str, Any], cfg: TrainConfig, data_dir: Path,
+                    out_dir: Path) -> bool:
+    """Whether `out_dir` holds a checkpoint of an unfinished run with exactly these params and
+    this data (train.auto_resume); says on stderr why it starts afresh when there is one."""
+    try:
+        source = train_state.find_resumable(out_dir)
+    except FileNotFoundError:
+        return False
+    saved, progress = train_state.read_config(source), train_state.read_progress(source)
+    if saved.get("params") != json.loads(json.dumps(params, default=str)):
+        why = "its parameters differ"
+    elif saved.get("data_version") != data_version(data_dir):
+        why = "its training data differ"
+    elif progress.epoch >= cfg.epochs or (cfg.max_steps and progress.step >= cfg.max_steps):
+        why = "that run had finished"
+    else:
+        return True
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"cris: auto_resume: not resuming {source}: {why}; training from the start",
+              file=sys.stderr)
+    return False
 
 
 def train(
@@ -517,10 +593,14 @@ def train(
 
     `params` is the whole params.yaml dict (sections model, train, eval). Under torchrun
     every process calls this; only rank 0 logs, validates and writes. `resume` continues
-    from `out_dir/last` (same weights, optimizer, RNG, epoch and batch). `tracker` replaces
-    the one `train.tracking` selects (tests).
+    from `out_dir/last` (same weights, optimizer, RNG, epoch and batch); with
+    `train.auto_resume` it does so whenever `out_dir/last` is an unfinished run of the same
+    params and data (how a retried orchestrator step continues). `tracker` replaces the one
+    `train.tracking` selects (tests).
     """
     cfg = TrainConfig.from_params(section(params, "train"))
+    if cfg.auto_resume and not resume:
+        resume = _unfinished_run(params, cfg, Path(data_dir), Path(out_dir))
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     ctx = init_distributed(cfg.device)
     try:

@@ -135,3 +135,43 @@ def test_missing_or_wrong_files_are_named(prepared: Path, tmp_path: Path) -> Non
     Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(images / name)
     with pytest.raises(ValueError, match="manifest says 48x64"):
         ds._load(0, False)
+
+
+def _plain_collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Reference: stack tensors, ids to int64 vectors."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+            else torch.tensor([it[k] for it in items], dtype=torch.int64) for k in items[0]}
+
+
+def _collate_reporting_shm(items: list[dict]) -> tuple[dict[str, torch.Tensor], bool]:
+    batch = collate(items)
+    return batch, all(t.is_shared() for k, t in batch.items() if k in ("image", "mask"))
+
+
+def test_collate_matches_plain_stacking_and_fills_shared_memory_in_workers(
+        prepared: Path) -> None:
+    ds = RefDataset(prepared, "train", 96, 17, flip=True, seed=1)
+    items = [ds[i] for i in range(4)]
+    batch, plain = collate(items), _plain_collate(items)
+    assert batch.keys() == plain.keys()
+    for k in batch:
+        assert batch[k].dtype == plain[k].dtype and torch.equal(batch[k], plain[k]), k
+    assert not batch["image"].is_shared()  # in the main process: ordinary memory
+    sampler = ShardedBatchSampler(len(ds), 4, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=1,
+                                         collate_fn=_collate_reporting_shm)
+    sampler_order = list(sampler)
+    for (got, shared), indices in zip(loader, sampler_order, strict=True):
+        assert shared  # stacked straight into shared memory inside the worker
+        want = _plain_collate([ds[i] for i in indices])
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="'name' is a str"):
+        collate([{"image": torch.zeros(2), "name": "x"}])
+
+
+def test_dataset_loads_the_tokenizer_before_workers_fork(prepared: Path) -> None:
+    from cris_model.backbone import _tokenizer
+
+    _tokenizer.cache_clear()
+    RefDataset(prepared, "val", 96, 17, sample="sentence")
+    assert _tokenizer.cache_info().currsize == 1  # inherited by every forked worker

@@ -37,6 +37,7 @@ from cris_model.registry import (
     registry_config,
     rollback,
 )
+from cris_model.tracking import fluent_uris
 
 W, H = 75, 52  # test image size (non-square)
 PHRASE = "the red square on the left"
@@ -341,9 +342,8 @@ def test_cli_predict_from_model_uri_equals_checkpoint(
 def test_pyfunc_predicts_rle_masks_for_dataframe_rows(
     uri: str, registered: list[dict], ckpt_root: Path
 ) -> None:
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    pyfunc = mlflow.pyfunc.load_model("models:/shared/1")
+    with fluent_uris(uri):
+        pyfunc = mlflow.pyfunc.load_model("models:/shared/1")
     first, second = _png_bytes(_image(0)), _png_bytes(_image(1))
     frame = pd.DataFrame({"image": [first, second, base64.b64encode(first).decode()],
                           "text": [PHRASE, PHRASE, "anything else"]})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from cris_model.backbone import tokenize
 from cris_model.data.manifest import read_manifest
@@ -58,15 +59,19 @@ def read_image(image_dir: Path, row: Any) -> Image.Image:
     """A manifest row's image as stored (RGB, no EXIF rotation: masks index raw pixels).
 
     Raises FileNotFoundError when the file cannot be read, ValueError when its size differs
-    from the manifest's height x width.
+    from the manifest's height x width or exceeds PIL's decompression-bomb limit.
     """
     path = Path(image_dir) / str(row["file_name"])
     try:
-        with Image.open(path) as img:
-            img.load()
-            image = img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                image = img.convert("RGB")
     except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read image ({e})") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused ({e})") from e
     h, w = int(row["height"]), int(row["width"])
     if (image.height, image.width) != (h, w):
         raise ValueError(f"{path}: image is {image.height}x{image.width}, manifest says {h}x{w}")
@@ -97,6 +102,7 @@ class RefDataset(Dataset):
             self.groups = [np.asarray(ix) for ix in groups.values()]
         else:
             self.groups = [np.asarray([i]) for i in range(len(self.rows))]
+        tokenize([""], word_len)  # load the BPE vocabulary once: forked workers inherit it
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -193,9 +199,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack a list of dataset items into a batch dict of tensors (ids as int64 vectors)."""
-    return {
-        key: torch.stack([it[key] for it in items]) if torch.is_tensor(items[0][key])
-        else torch.tensor([it[key] for it in items], dtype=torch.int64)
-        for key in items[0]
-    }
+    """Stack a list of dataset items into a batch dict of tensors (ids as int64 vectors).
+
+    torch's `default_collate` does exactly this, and inside a loader worker it stacks straight
+    into shared memory, which saves copying every batch (~75 MB at 64 x 416 px) once more.
+    """
+    for key, value in items[0].items():
+        if not (torch.is_tensor(value) or isinstance(value, int)):
+            raise ValueError(f"collate: item field {key!r} is a {type(value).__name__}, "
+                             "expected a tensor or an int")
+    return default_collate(items)

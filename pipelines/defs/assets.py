@@ -14,6 +14,7 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     PipesSubprocessClient,
+    RetryPolicy,
     StaticPartitionsDefinition,
     asset,
 )
@@ -31,6 +32,9 @@ from pipelines.defs.resources import (
 SPLIT_PARTITIONS = StaticPartitionsDefinition(eval_splits())  # from params.yaml eval.splits
 RAW, PREPARED, FEATURES, TRAIN, EVAL = "raw", "prepared", "features", "train", "eval"
 LOSS_METRIC = "train/loss"  # the MLflow metric drawn as the loss curve
+# A killed or crashed training process is tried again; with train.auto_resume the retry
+# continues from train/last instead of starting over.
+TRAIN_RETRY = RetryPolicy(max_retries=2, delay=1.0)
 
 
 def _published(storage: StorageResource, name: str) -> dict[str, Any]:
@@ -109,8 +113,8 @@ def clip_features(
 
 def _train_args(params: ParamsResource, storage: StorageResource, mlflow: MlflowResource,
                 freeze_backbone: bool) -> list[str]:
-    args = [*params.cli_args(), *mlflow.overrides(), "--data", str(storage.path(PREPARED)),
-            "--out", str(storage.path(TRAIN))]
+    args = [*params.cli_args(), *mlflow.overrides(), "--set", "train.auto_resume=true",
+            "--data", str(storage.path(PREPARED)), "--out", str(storage.path(TRAIN))]
     if freeze_backbone:
         args += ["--features", str(storage.path(FEATURES))]
     return args
@@ -137,13 +141,17 @@ def _training_metadata(out: Path, mlflow: MlflowResource) -> dict[str, Any]:
     return metadata
 
 
-@asset(group_name="model", deps=[prepared_splits, clip_features], kinds={"pytorch", "mlflow"})
+@asset(group_name="model", deps=[prepared_splits, clip_features], kinds={"pytorch", "mlflow"},
+       retry_policy=TRAIN_RETRY)
 def trained_model(
     context: AssetExecutionContext, params: ParamsResource, storage: StorageResource,
     mlflow: MlflowResource, compute: ComputeResource, pipes: PipesSubprocessClient,
 ) -> MaterializeResult:
     """Checkpoints `train/best` (chosen on val) and `train/last`, from `cris train` run as its
-    own process through Dagster Pipes (under torchrun when compute.gpus > 1)."""
+    own process through Dagster Pipes (under torchrun when compute.gpus > 1).
+
+    Training runs with train.auto_resume: a retry (TRAIN_RETRY) or a re-run after a kill
+    continues an unfinished run of the same params and data from `train/last`."""
     freeze = bool(section(params.load(), "train").get("freeze_backbone", False))
     command = compute.train_command(_train_args(params, storage, mlflow, freeze))
     context.log.info("training: %s", " ".join(command))

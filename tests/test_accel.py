@@ -1,0 +1,170 @@
+"""Speed levers keep the function: matmul dynamic conv, BatchNorm folding, bf16 inference."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cris_model.accel import CapturedCall, fold_batchnorm, prepare_for_inference
+from cris_model.config import get_preset
+from cris_model.layers import (
+    MeanPool2d,
+    grouped_dynamic_conv,
+    matmul_dynamic_conv,
+    use_mean_pooling,
+)
+from cris_model.model import build_model
+from cris_model.predict import Predictor
+from cris_model.train import TrainConfig, memory_format
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_matmul_dynamic_conv_is_the_grouped_conv_forward_and_backward(
+    channels_last: bool, kernel: int
+) -> None:
+    gen = torch.Generator().manual_seed(kernel)
+    x = torch.randn(3, 6, 9, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 6, kernel, kernel, dtype=torch.float64, generator=gen,
+                    requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    want, got = grouped_dynamic_conv(xin, w, b), matmul_dynamic_conv(xin, w, b)
+    assert got.shape == want.shape == (3, 1, 9, 7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    for g_want, g_got in zip(torch.autograd.grad(want, (x, w, b), grad),
+                             torch.autograd.grad(got, (x, w, b), grad), strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+
+
+def _model_with_statistics(dynamic_conv: str = "matmul") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(get_preset("cris_tiny", dynamic_conv=dynamic_conv)).eval()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model
+
+
+def _inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return (torch.randn(batch, 3, 128, 128, generator=gen),
+            torch.randint(1, 4000, (batch, 17), generator=gen))
+
+
+def test_projector_implementations_give_the_same_logits() -> None:
+    grouped = _model_with_statistics("grouped")
+    matmul = copy.deepcopy(grouped)
+    matmul.projector.dynamic_conv = "matmul"
+    image, text = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(matmul(image, text), grouped(image, text), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_dynamic_conv_is_validated() -> None:
+    with pytest.raises(ValueError, match="dynamic_conv"):
+        get_preset("cris_tiny", dynamic_conv="winograd")
+
+
+def test_folding_batchnorm_keeps_the_logits_and_removes_the_norms() -> None:
+    model = _model_with_statistics()
+    folded = copy.deepcopy(model)
+    image, text = _inputs()
+    before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    count = fold_batchnorm(folded)
+    after = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert count >= 30 and after < before - 30
+    with torch.no_grad():
+        torch.testing.assert_close(folded(image, text), model(image, text), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_folding_refuses_a_training_model() -> None:
+    with pytest.raises(RuntimeError, match="eval mode"):
+        fold_batchnorm(_model_with_statistics().train())
+
+
+def test_bf16_channels_last_inference_stays_close_to_fp32() -> None:
+    model = _model_with_statistics()
+    fast = prepare_for_inference(copy.deepcopy(model), torch.bfloat16, channels_last=True)
+    image, text = _inputs(4)
+    with torch.no_grad():
+        want, got = model(image, text), fast(image, text).float()
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+    assert ((got > 0) == (want > 0)).float().mean().item() > 0.97
+
+
+def test_fast_prediction_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="CUDA"):
+        Predictor(_model_with_statistics(), fast=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedCall(lambda x: x, [torch.zeros(1)])
+
+
+def test_memory_format_is_channels_last_only_on_the_gpu() -> None:
+    cfg = TrainConfig()
+    assert memory_format(cfg, torch.device("cpu")) == torch.contiguous_format
+    assert memory_format(cfg, torch.device("cuda")) == torch.channels_last
+    forced = replace(cfg, memory_format="channels_last")
+    assert memory_format(forced, torch.device("cpu")) == torch.channels_last
+    with pytest.raises(ValueError, match="memory_format"):
+        TrainConfig.from_params({"memory_format": "nhwc"})
+
+
+def _train_steps(checkpointing: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(get_preset("cris_tiny", dropout=0.1)).train()
+    model.backbone.checkpoint_stages = checkpointing
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    image, text = _inputs(4)
+    torch.manual_seed(1)
+    for _ in range(3):
+        loss = model(image, text).sigmoid().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_activation_checkpointing_changes_no_weight_and_no_running_statistic() -> None:
+    plain, recomputed = _train_steps(False), _train_steps(True)
+    want, got = plain.state_dict(), recomputed.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+def test_mean_pool_is_avgpool_forward_and_backward(channels_last: bool, kernel: int) -> None:
+    gen = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 5, 8, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    want, got = torch.nn.AvgPool2d(kernel)(xin), MeanPool2d(kernel)(xin)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if channels_last and kernel > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0],
+                               torch.autograd.grad(want, x, grad)[0], rtol=0, atol=1e-12)
+
+
+def test_clip_resnet_pools_are_swapped_both_ways_without_changing_the_logits() -> None:
+    model = _model_with_statistics()
+    assert not any(isinstance(m, torch.nn.AvgPool2d) for m in model.modules())
+    image, text = _inputs()
+    with torch.no_grad():
+        fast = model(image, text)
+        swapped = use_mean_pooling(model, False)
+        plain = model(image, text)
+    assert swapped >= 4
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in model.modules()) == swapped
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
