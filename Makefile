@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup setup-dvc setup-browser test lint demo ui clean
+.PHONY: setup setup-dvc setup-browser setup-postgres test lint demo ui clean services \
+	services-stop services-status dvc-remote
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,12 +35,23 @@ setup-browser:
 		apt-get install -y -q --no-install-recommends chromium chromium-driver; \
 	fi
 
-test: setup setup-dvc setup-browser
+# Debian's PostgreSQL server (initdb, postgres, pg_isready in /usr/lib/postgresql/<ver>/bin) for
+# tests/test_services_postgres.py and `make services POSTGRES=1`; installed only when missing,
+# without Debian's default cluster (infra/services.py runs clusters of its own). Needs root.
+setup-postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then \
+		mkdir -p /etc/postgresql-common/createcluster.d && \
+		echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/cris.conf && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends postgresql; \
+	fi
+
+test: setup setup-dvc setup-browser setup-postgres
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check cris_model data_checks pipelines tests bench
-	$(VENV)/bin/mypy cris_model data_checks pipelines
+	$(VENV)/bin/ruff check cris_model data_checks pipelines infra tests bench
+	$(VENV)/bin/mypy cris_model data_checks pipelines infra
 
 # The demo: the whole Dagster asset graph on synthetic data with cris_tiny on the CPU, then
 # registration and promotion. Everything it writes stays under demo/ (gitignored); the last
@@ -51,8 +63,18 @@ DEFS := -m pipelines.definitions
 UI_HOST ?= 127.0.0.1
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
+# CRIS_STACK=services (after `make services`) runs the same targets on the shared services:
+# the MLflow server, the S3 store and their Dagster instance (infra/stack.py reads them).
+CRIS_STACK ?= embedded
+ifeq ($(CRIS_STACK),services)
+STACK_READY := $(PY) -m infra.services status > /dev/null &&
+DEMO_ENV = CRIS_STACK=services $(shell CRIS_STACK=services $(PY) -m infra.stack env) \
+	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) CI=1
+else
+STACK_READY :=
 DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster MLFLOW_TRACKING_URI=sqlite:///$(DEMO)/mlflow.db \
 	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) CI=1
+endif
 DEMO_SET ?=
 RUN_CONFIG := -c $(DEMO)/run_config.yaml
 RUN_JOB := $(DEMO_ENV) $(DAGSTER) job execute $(DEFS) $(RUN_CONFIG) -j
@@ -60,7 +82,7 @@ MATERIALIZE := $(DEMO_ENV) $(DAGSTER) asset materialize $(DEFS) $(RUN_CONFIG) --
 SPLITS = $(shell $(PY) -c "from pipelines.defs.params import eval_splits; print(*eval_splits())")
 
 demo: setup
-	rm -rf $(DEMO) && mkdir -p $(DEMO)/dagster && cp infra/dagster/dagster.yaml $(DEMO)/dagster/
+	$(STACK_READY) rm -rf $(DEMO) && mkdir -p $(DEMO)/dagster && cp infra/dagster/dagster.yaml $(DEMO)/dagster/
 	$(PY) -c "import sys, yaml; yaml.safe_dump({'resources': {'params': {'config': \
 		{'overrides': sys.argv[1:]}}}}, sys.stdout)" $(DEMO_SET) > $(DEMO)/run_config.yaml
 	$(RUN_JOB) train_pipeline
@@ -75,12 +97,47 @@ demo: setup
 
 # The Dagster and MLflow UIs over the demo's instance and tracking store; Ctrl-C stops both.
 ui: setup
+ifeq ($(CRIS_STACK),services)
+	$(STACK_READY) $(DEMO_ENV) $(DAGSTER) dev $(DEFS) -h $(UI_HOST) -p $(DAGSTER_PORT)
+else
 	mkdir -p $(DEMO)/dagster && cp -n infra/dagster/dagster.yaml $(DEMO)/dagster/
 	@echo "Dagster: http://$(UI_HOST):$(DAGSTER_PORT)   MLflow: http://$(UI_HOST):$(MLFLOW_PORT)"
 	$(DEMO_ENV) $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db \
 		--host $(UI_HOST) --port $(MLFLOW_PORT) & mlflow_pid=$$!; \
 	trap 'kill $$mlflow_pid' EXIT; \
 	$(DEMO_ENV) $(DAGSTER) dev $(DEFS) -h $(UI_HOST) -p $(DAGSTER_PORT)
+endif
+
+# Shared services on this machine (infra/services.py): SeaweedFS S3 on $(S3_PORT) and an MLflow
+# server on $(MLFLOW_PORT) (SQLite backend, artifacts proxied into s3://mlflow), state, logs and
+# data under .services/. Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+# POSTGRES=1 also starts a PostgreSQL cluster of its own on $(PG_PORT) (.services/postgres/)
+# and keeps MLflow's runs and the Dagster instance there. To use another server instead:
+# MLFLOW_BACKEND=postgresql+psycopg2://user@host:port/db and
+# DAGSTER_YAML=infra/dagster/dagster-postgres.yaml with the DAGSTER_PG_* variables set.
+S3_PORT ?= 8333
+PG_PORT ?= 5433
+POSTGRES ?=
+MLFLOW_BACKEND ?=
+DAGSTER_YAML ?= $(if $(POSTGRES),infra/dagster/dagster-postgres.yaml,infra/dagster/dagster.yaml)
+services: setup $(if $(POSTGRES),setup-postgres)
+	$(PY) -m infra.services start --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT) \
+		--dagster-yaml $(DAGSTER_YAML) $(if $(MLFLOW_BACKEND),--backend-uri $(MLFLOW_BACKEND)) \
+		$(if $(POSTGRES),--postgres --postgres-port $(PG_PORT))
+
+services-stop:
+	$(PY) -m infra.services stop
+
+services-status:
+	$(PY) -m infra.services status
+
+# The DVC remote in the services' store; its endpoint goes to .dvc/config.local (not in git),
+# the credentials stay in the AWS_* environment variables.
+dvc-remote: setup setup-dvc
+	CRIS_STACK=services $(PY) -c "from infra.stack import active_stack as a; s = a(); \
+		print(s.dvc_remote, s.s3_endpoint_url)" | { read url endpoint; \
+		$(DVC_VENV)/bin/dvc remote add --local -f -d store $$url && \
+		$(DVC_VENV)/bin/dvc remote modify --local store endpointurl $$endpoint; }
 
 clean:
 	rm -rf $(VENV) $(DVC_VENV) demo .pytest_cache

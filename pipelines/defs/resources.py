@@ -2,6 +2,8 @@
 
 Defaults come from params.yaml and the environment, so the embedded setup (local folders,
 MLflow in SQLite, CPU) needs no configuration; each field can be set per deployment.
+`CRIS_STACK=services` (infra/stack.py) moves the defaults to the services `make services`
+started: the MLflow server, assets mirrored to its S3 store, and its dataset, if it has one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import Field
 
 from cris_model.params import load_params, section
 from cris_model.tracking import default_tracking_uri
+from infra.stack import active_stack
 from pipelines.defs.params import REPO_ROOT, default_params, params_path
 
 STORAGE_ENV = "CRIS_STORAGE_ROOT"  # environment variable naming the local asset folder
@@ -42,15 +45,22 @@ class ParamsResource(ConfigurableResource):
                       description="params.yaml to read (default: $CRIS_PARAMS or the repo's)")
     overrides: list[str] = Field(default_factory=list,
                                  description="dotted key=value overrides, e.g. train.epochs=1")
+    data_source: str = Field(default_factory=lambda: active_stack().data_source,
+                             description="data.source in place of params.yaml's ('' = keep "
+                                         "it; default: the services stack's dataset)")
+
+    def _all_overrides(self) -> list[str]:
+        source = [f"data.source={self.data_source}"] if self.data_source else []
+        return [*source, *self.overrides]
 
     def load(self) -> dict[str, Any]:
         """The parameters with the overrides applied."""
-        return load_params(self.path, self.overrides)
+        return load_params(self.path, self._all_overrides())
 
     def cli_args(self) -> list[str]:
         """`--params FILE --set k=v ...` for a `cris` verb."""
         args = ["--params", str(Path(self.path).resolve())]
-        for item in self.overrides:
+        for item in self._all_overrides():
             args += ["--set", item]
         return args
 
@@ -61,8 +71,12 @@ class StorageResource(ConfigurableResource):
     root: str = Field(default_factory=lambda: os.environ.get(STORAGE_ENV)
                       or str(REPO_ROOT / "runs" / "dagster"),
                       description="local folder holding one subfolder per asset")
-    remote: str = Field(default="", description="s3://bucket/prefix to mirror outputs to; '' = off")
-    endpoint_url: str = Field(default="", description="S3-compatible endpoint ('' = AWS)")
+    remote: str = Field(default_factory=lambda: active_stack().storage_remote,
+                        description="s3://bucket/prefix to mirror outputs to; '' = off "
+                                    "(default: the services stack's)")
+    endpoint_url: str = Field(default_factory=lambda: active_stack().s3_endpoint_url,
+                              description="S3-compatible endpoint ('' = AWS; default: the "
+                                          "services stack's store)")
 
     def path(self, name: str) -> Path:
         """Absolute local path of asset folder `name` (its parent is created)."""
@@ -95,9 +109,10 @@ class MlflowResource(ConfigurableResource):
     """The MLflow tracking server (or store) and experiment that runs and models go to."""
 
     tracking_uri: str = Field(
-        default_factory=lambda: str(_train_default("tracking_uri", "")) or default_tracking_uri(),
-        description="MLflow tracking URI (default: train.tracking_uri, $MLFLOW_TRACKING_URI, "
-                    "or sqlite:///./mlruns.db)")
+        default_factory=lambda: str(_train_default("tracking_uri", ""))
+        or active_stack().tracking_uri or default_tracking_uri(),
+        description="MLflow tracking URI (default: train.tracking_uri, the services stack's "
+                    "server, $MLFLOW_TRACKING_URI, or sqlite:///./mlruns.db)")
     experiment: str = Field(default_factory=lambda: str(_train_default("experiment", "cris")),
                             description="MLflow experiment (default: train.experiment)")
     ui_url: str = Field(default_factory=lambda: os.environ.get("CRIS_MLFLOW_UI_URL", ""),
