@@ -336,3 +336,26 @@ def test_cli_writes_and_refuses_foreign_folders(tmp_path: Path,
     assert (foreign / "keep.txt").read_text() == "mine"
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--images", "3"]) == 1
     assert "images must be >= 4" in capsys.readouterr().err
+
+
+def test_image_sizes_and_grain_are_configurable(tmp_path: Path) -> None:
+    from cris_model.data.synth import SynthConfig
+
+    sizes = ((200, 150), (150, 200))
+    smooth, grainy = (SynthConfig(image_sizes=sizes, min_radius=15, max_radius=30,
+                                  pixel_noise=noise) for noise in (0.0, 25.0))
+    generate(tmp_path / "smooth", images=4, seed=0, config=smooth)
+    generate(tmp_path / "grainy", images=4, seed=0, config=grainy)
+    inst = json.loads((tmp_path / "smooth" / "refcoco" / "instances.json").read_text())
+    assert {(im["width"], im["height"]) for im in inst["images"]} <= set(sizes)
+    files = sorted((tmp_path / "smooth" / IMAGE_DIR).glob("*.jpg"))
+    for f in files:
+        with Image.open(f) as img:
+            assert img.size in sizes
+    weight = {name: sum(p.stat().st_size for p in (tmp_path / name / IMAGE_DIR).glob("*.jpg"))
+              for name in ("smooth", "grainy")}
+    assert weight["grainy"] > 2 * weight["smooth"]  # grain is what makes JPEGs heavy
+    for bad in (SynthConfig(image_sizes=()), SynthConfig(image_sizes=((0, 10),)),
+                SynthConfig(pixel_noise=-1.0)):
+        with pytest.raises(ValueError, match="image_sizes|pixel_noise"):
+            generate(tmp_path / "bad", images=4, seed=0, config=bad)

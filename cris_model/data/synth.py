@@ -68,6 +68,8 @@ class SynthConfig:
     place_tries: int = 40  # random placements tried per shape before dropping it
     scene_tries: int = 50  # scenes tried per image before giving up
     eval_fraction: float = 0.1  # fraction of images in each of val, testA, testB
+    image_sizes: tuple[tuple[int, int], ...] = IMAGE_SIZES  # (width, height) drawn uniformly
+    pixel_noise: float = 3.0  # std of the Gaussian grain on every pixel (0-255 scale)
 
 
 @dataclass
@@ -208,8 +210,10 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return base + tex
 
 
-def _paint(rng: np.random.Generator, placed: list[_Placed], h: int, w: int) -> np.ndarray:
-    """HxWx3 uint8 image: background, then each shape (shaded fill, dark rim) in order."""
+def _paint(rng: np.random.Generator, placed: list[_Placed], h: int, w: int,
+           noise: float) -> np.ndarray:
+    """HxWx3 uint8 image: background, then each shape (shaded fill, dark rim) in order, then
+    Gaussian grain of std `noise`."""
     img = _background(rng, h, w)
     for p in placed:
         base = np.array(COLOUR_RGB[p.colour], dtype=np.float64) + rng.uniform(-14, 14, 3)
@@ -224,7 +228,7 @@ def _paint(rng: np.random.Generator, placed: list[_Placed], h: int, w: int) -> n
         inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
         fill[full & ~inner] = 0.55 * base
         img[box][full] = fill[full]
-    img += rng.normal(0, 3, img.shape)
+    img += rng.normal(0, noise, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -302,7 +306,7 @@ def _scene(placed: list[_Placed], first_ann: int, h: int, w: int) -> Scene:
 def _draw_image(rng: np.random.Generator, image_id: int, first_ann: int, split: str,
                 cfg: SynthConfig) -> _Image:
     """Draw scenes until one places, outlines and phrases cleanly (RuntimeError if never)."""
-    w, h = IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
+    w, h = cfg.image_sizes[int(rng.integers(len(cfg.image_sizes)))]
     for _ in range(cfg.scene_tries):
         specs = _object_specs(rng, split, cfg)
         placed = _place_objects(rng, specs, h, w, cfg)
@@ -315,7 +319,7 @@ def _draw_image(rng: np.random.Generator, image_id: int, first_ann: int, split: 
         phrases = image_phrases(rng, scene, eligible)
         if not phrases.single:
             continue
-        pixels = _paint(rng, placed, h, w)
+        pixels = _paint(rng, placed, h, w, cfg.pixel_noise)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=cfg.jpeg_quality)
         name = f"COCO_train2014_{image_id:012d}.jpg"
@@ -454,6 +458,11 @@ def generate(out: Path, images: int, seed: int, config: SynthConfig | None = Non
     if not 2 <= cfg.min_objects <= cfg.max_objects:
         raise ValueError(f"need 2 <= min_objects <= max_objects, got {cfg.min_objects}, "
                          f"{cfg.max_objects}")
+    if cfg.pixel_noise < 0:
+        raise ValueError(f"pixel_noise must be >= 0, got {cfg.pixel_noise}")
+    if not cfg.image_sizes or min(min(size) for size in cfg.image_sizes) <= 0:
+        raise ValueError(f"image_sizes must be non-empty (width, height) pairs > 0, got "
+                         f"{cfg.image_sizes}")
     out = Path(out).absolute()
     _check_out(out)
     splits = _split_of_images(images, seed, cfg)

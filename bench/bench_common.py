@@ -1,0 +1,43 @@
+"""What every benchmark prints besides its figures: the machine, and one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on: host, CPUs, GPU (if any), library versions."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, device_memory_gb=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return info
+
+
+def emit(result: dict[str, Any], out: str | Path | None = None) -> None:
+    """Print `result` as one JSON line; with `out`, also write it there (temp file + rename)."""
+    text = json.dumps(result, sort_keys=False)
+    print(text)
+    sys.stdout.flush()
+    if out:
+        path = Path(out)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(path)

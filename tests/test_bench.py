@@ -1,0 +1,94 @@
+"""Benchmark scripts under bench/ run end to end at tiny sizes and report what they promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import pytest
+import torch
+
+from cris_model.data.dataset import RefDataset, ShardedBatchSampler
+from cris_model.train import TrainConfig, _loader
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def loader_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/loader_throughput.py as a module (bench/ on sys.path, as when run as a script)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("loader_throughput",
+                                                  BENCH / "loader_throughput.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loader_throughput_reports_json_and_builds_coco_sized_data(
+        loader_bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = loader_bench
+    out = tmp_path / "figures" / "loader.json"
+    result = bench.main([
+        "--images", "4", "--samples", "40", "--batch-size", "8", "--input-size", "64",
+        "--workers", "0,1", "--seconds", "0.3", "--profile-items", "4",
+        "--data-dir", str(tmp_path / "data"), "--out", str(out),
+    ])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result == json.loads(out.read_text())
+    assert {"machine", "settings", "data", "per_sample_ms", "throughput", "best"} <= set(result)
+    assert {"platform", "cpu_count", "cpu_model", "torch", "device"} <= set(result["machine"])
+    assert result["machine"]["torch"] == torch.__version__
+    assert result["settings"]["workers"] == [0, 1] and result["settings"]["batch_size"] == 8
+    assert [r["workers"] for r in result["throughput"] if not r["pin_memory"]] == [0, 1]
+    for run in result["throughput"]:
+        assert run["batches"] >= 1 and run["samples"] == 8 * run["batches"]
+        assert run["samples_per_s"] > 0
+    assert set(bench._STAGES) <= set(result["per_sample_ms"])
+    assert result["per_sample_ms"]["item"] > result["per_sample_ms"]["read_image"] > 0
+    # 4 images give a handful of train refs; the manifest repeats them up to 40 samples
+    train = pd.read_parquet(tmp_path / "data" / "prepared" / "train.parquet")
+    assert train["ref_id"].nunique() == 40 == result["data"]["train"]["refs"]
+    assert train["sent_id"].is_unique and len(train) == result["data"]["train"]["sentences"]
+    assert result["data"]["train"]["distinct_refs"] < 40
+    ds = RefDataset(tmp_path / "data" / "prepared", "train", 64, 17)
+    assert len(ds) == 40
+    sizes = {(int(h), int(w)) for h, w in zip(train["height"], train["width"], strict=True)}
+    assert sizes <= {(h, w) for w, h in bench.COCO_SIZES}
+    # a second run with the same settings reuses the data it built
+    again = bench.main(["--images", "4", "--samples", "40", "--batch-size", "8",
+                        "--input-size", "64", "--workers", "0", "--seconds", "0.1",
+                        "--profile-items", "2", "--data-dir", str(tmp_path / "data")])
+    assert again["data"]["reused"] and again["data"]["train"] == result["data"]["train"]
+
+
+def test_loader_throughput_builds_the_loader_training_builds(
+        loader_bench: ModuleType, tmp_path: Path) -> None:
+    from tiny_refer import make_prepared
+
+    bench = loader_bench
+    ds = RefDataset(make_prepared(tmp_path, {"train": 4, "val": 2}), "train", 64, 17)
+    sampler = ShardedBatchSampler(len(ds), 4, seed=3)
+    ours = bench._loader(ds, sampler, 2, 3, False)
+    theirs = _loader(ds, sampler, TrainConfig(num_workers=2, seed=3))
+    for name in ("num_workers", "collate_fn", "persistent_workers", "pin_memory",
+                 "prefetch_factor", "timeout", "worker_init_fn", "multiprocessing_context",
+                 "batch_sampler", "in_order"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.generator.initial_seed() == theirs.generator.initial_seed()
+
+
+def test_loader_throughput_worker_counts_are_capped_and_checked(
+        loader_bench: ModuleType) -> None:
+    bench = loader_bench
+    cpus = os.cpu_count() or 1
+    assert bench._worker_counts(f"0,1,{cpus},{cpus + 8}") == list(dict.fromkeys(
+        [0, min(1, cpus), cpus]))
+    for bad in ("", "4,x", "-1"):
+        with pytest.raises(ValueError, match="--workers"):
+            bench._worker_counts(bad)
