@@ -37,7 +37,7 @@ setup-browser:
 
 # Debian's PostgreSQL server (initdb, postgres, pg_isready in /usr/lib/postgresql/<ver>/bin) for
 # tests/test_services_postgres.py and `make services POSTGRES=1`; installed only when missing,
-# without Debian's default cluster (infra/services.py runs clusters of its own). Needs root.
+# without Debian's default cluster (infra/postgres.py runs clusters of its own). Needs root.
 setup-postgres:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then \
 		mkdir -p /etc/postgresql-common/createcluster.d && \

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cris_model.checkpoint import META_FILES, WEIGHTS, read_checkpoint_meta
+from cris_model.data.manifest import data_version
 from cris_model.params import section
 from cris_model.tracking import (
     MlflowTracker,
@@ -101,26 +102,12 @@ def registry_config(params: Mapping[str, Any], tracking_uri: str = "") -> Regist
     )
 
 
-def _sha256(paths: list[Path], root: Path | None = None) -> str:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    for path in paths:
-        if root is not None:
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()
-
-
-def data_version(data_dir: Path) -> str:
-    """16 hex chars of the SHA-256 over a prepared folder's `*.parquet` manifests (names + bytes).
-
-    summary.json is left out: it records paths and a creation time, not the data.
-    """
-    files = sorted(Path(data_dir).glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{data_dir}: no *.parquet manifests (run `cris data prepare`)")
-    return _sha256(files, Path(data_dir))[:16]
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -323,7 +310,7 @@ def register(
     metrics = read_metrics(metrics_path or checkpoint / "metrics.json")
     train_run = run_id or meta["extra"].get("run_id") or None
     key = {"train_run_id": train_run or "none",
-           "checkpoint_sha256": _sha256([checkpoint / WEIGHTS])}
+           "checkpoint_sha256": _sha256(checkpoint / WEIGHTS)}
     uri = config.resolved_uri()
     tags = {
         **key,

@@ -41,6 +41,7 @@ from cris_model import train_state
 from cris_model.atomic import write_text
 from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, read_image
+from cris_model.data.manifest import data_version
 from cris_model.distributed import DistContext, close_distributed, init_distributed, sync_batchnorm
 from cris_model.evaluate import mlflow_metric_name, predict_split
 from cris_model.gallery import GalleryCase, save_gallery
@@ -48,7 +49,6 @@ from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
 from cris_model.model import CRIS, build_model, cris_loss
 from cris_model.params import section
-from cris_model.registry import data_version
 from cris_model.tracking import SPOOL, MlflowTracker, NullTracker, Tracker
 
 _ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.services import DATA_BUCKET, MlflowServer, S3Store, group_alive, port_is_free
+from infra.mlflow_server import MlflowServer
+from infra.process import group_alive, port_is_free
+from infra.s3 import DATA_BUCKET, S3Store
 from infra.stack import Stack, write_stack
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,12 +24,12 @@ from PIL import Image
 from cris_model.checkpoint import save_checkpoint
 from cris_model.cli import main
 from cris_model.config import get_preset
+from cris_model.data.manifest import data_version
 from cris_model.data.masks import mask_from_rle
 from cris_model.model import CRIS, build_model
 from cris_model.predict import Predictor
 from cris_model.registry import (
     RegistryConfig,
-    data_version,
     download_checkpoint,
     promote,
     read_metrics,

@@ -1,7 +1,7 @@
 """Storage faults beyond tests/test_fetch.py: the S3 store process itself SIGKILLed in the
 middle of a download, then restarted on the same port and data.
 
-The store is a real SeaweedFS (`infra.services.S3Store`). The kill comes from the fetch's
+The store is a real SeaweedFS (`infra.s3.S3Store`). The kill comes from the fetch's
 own progress callback once the first megabyte has arrived, so it always lands mid-file.
 The interrupted fetch gives up with a clear error and leaves nothing at the output path;
 the next fetch after the restart continues the partial file and verifies it.
@@ -20,7 +20,8 @@ import pytest
 
 from cris_model.data import fetch as fetch_module
 from cris_model.data.fetch import FetchConfig, RetryPolicy, fetch
-from infra.services import S3Store, group_alive
+from infra.process import group_alive
+from infra.s3 import S3Store
 
 BIG = "images/train2014/big.bin"
 SIZE = 24 << 20  # larger than the socket buffers, so the kill really cuts the body

@@ -35,7 +35,7 @@ from tiny_refer import make_prepared
 
 from cris_model.registry import RegistryConfig, register
 from cris_model.tracking import SPOOL, MlflowTracker
-from infra.services import MlflowServer
+from infra.mlflow_server import MlflowServer
 
 STEPS = 6  # 12 referred objects / batch 4 = 3 steps per epoch, 2 epochs
 CREATE_VERSION = "api/2.0/mlflow/model-versions/create"

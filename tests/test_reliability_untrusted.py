@@ -234,7 +234,9 @@ def test_servers_we_start_bind_loopback_unless_configured(tmp_path: Path) -> Non
                            capture_output=True, text=True, check=True).stdout
     assert _bind_addresses(moved) == ["10.1.2.3", "10.1.2.3"]  # only when configured
 
-    from infra.services import HOST, MlflowServer, S3Store
+    from infra.mlflow_server import MlflowServer
+    from infra.process import HOST
+    from infra.s3 import S3Store
 
     assert HOST == LOOPBACK
     mlflow = MlflowServer(tmp_path / "mlflow")

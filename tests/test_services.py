@@ -35,7 +35,8 @@ from PIL import Image
 
 from cris_model.data.synth import generate
 from cris_model.tracking import fluent_uris
-from infra.services import DATA_BUCKET, MLFLOW_BUCKET, S3Store, free_port
+from infra.process import free_port
+from infra.s3 import DATA_BUCKET, MLFLOW_BUCKET, S3Store
 from infra.stack import Stack, active_stack, read_stack
 from pipelines.definitions import ASSETS
 from pipelines.defs.checks import prepared_data_checks

@@ -27,9 +27,10 @@ from dagster import DagsterInstance, asset, job, materialize, op
 from dagster._core.errors import DagsterInvalidConfigError
 from mlflow.tracking import MlflowClient
 
-import infra.services as services
+import infra.postgres as pg
 from cris_model.tracking import fluent_uris
-from infra.services import MLFLOW_BUCKET, PostgresServer, postgres_bin_dir
+from infra.postgres import PostgresServer, postgres_bin_dir
+from infra.s3 import MLFLOW_BUCKET
 from tests.services_support import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -246,7 +247,7 @@ def test_server_binaries_are_found_by_version_and_missing_ones_are_named(
         folder.mkdir(parents=True)
         for program in ("initdb", "postgres"):
             (folder / program).write_text("")
-    monkeypatch.setattr(services, "PG_DEBIAN_ROOT", str(tmp_path / "lib"))
+    monkeypatch.setattr(pg, "PG_DEBIAN_ROOT", str(tmp_path / "lib"))
     assert postgres_bin_dir() == tmp_path / "lib" / "16" / "bin"
     monkeypatch.setenv("CRIS_PG_BIN", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*make setup-postgres"):

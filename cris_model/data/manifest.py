@@ -16,6 +16,7 @@ evaluation) reads these manifests, never the original files. Rules applied here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -255,3 +256,21 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {missing}")
     return table.to_pandas()
+
+
+def data_version(data_dir: Path) -> str:
+    """16 hex chars of the SHA-256 over a prepared folder's `*.parquet` manifests (names + bytes).
+
+    summary.json is left out: it records paths and a creation time, not the data.
+    """
+    data_dir = Path(data_dir)
+    files = sorted(data_dir.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{data_dir}: no *.parquet manifests (run `cris data prepare`)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(data_dir).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -68,8 +68,7 @@ def raw_dataset(params: ParamsResource, storage: StorageResource) -> Materialize
 @asset(group_name="data", deps=[raw_dataset], kinds={"parquet"})
 def prepared_splits(params: ParamsResource, storage: StorageResource) -> MaterializeResult:
     """One Parquet manifest per split (one row per referring sentence) + summary.json."""
-    from cris_model.data.manifest import prepare_dataset
-    from cris_model.registry import data_version
+    from cris_model.data.manifest import data_version, prepare_dataset
 
     p = params.load()
     out = storage.path(PREPARED)
