@@ -10,7 +10,6 @@ command of `.venv-dvc` (never imported beside Dagster).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from file_trees import put_tree, tree_bytes
 
 from infra.mlflow_server import MlflowServer
 from infra.process import group_alive, port_is_free
@@ -92,19 +93,10 @@ def assert_stopped(pids: list[int], ports: list[int]) -> None:
     assert [p for p in ports if not port_is_free(p)] == [], "a service port is still taken"
 
 
-def sha256_sums(root: Path) -> bytes:
-    """`sha256sum`-format manifest of every file under `root`."""
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root).as_posix()}\n"
-             for p in sorted(root.rglob("*")) if p.is_file()]
-    return "".join(lines).encode()
-
-
 def upload_dataset(client: Any, folder: Path, bucket: str, prefix: str) -> dict[str, bytes]:
     """Upload `folder` plus a SHA256SUMS to `s3://bucket/prefix/`; {relative path: bytes}."""
-    files = {p.relative_to(folder).as_posix(): p.read_bytes()
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    for rel, data in {**files, "SHA256SUMS": sha256_sums(folder)}.items():
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
+    files = tree_bytes(folder)
+    put_tree(client, bucket, prefix, files)
     return files
 
 
@@ -114,12 +106,6 @@ def bucket_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [obj["Key"] for obj in page.get("Contents", [])]
     return keys
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file under `root`."""
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def dvc(cwd: Path, *args: str, env: dict[str, str]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fetch_servers import DROP, FaultProxy, FileServer
+from file_trees import put_tree, sha256_sums, tree_bytes
 
 from cris_model.cli import main
 from cris_model.data.fetch import ChecksumError, FetchConfig, RetryPolicy, fetch
@@ -30,27 +31,18 @@ def _cfg(**kw: object) -> FetchConfig:
     return FetchConfig(retry=kw.pop("retry", FAST), progress=False, **kw)  # type: ignore[arg-type]
 
 
-def _sums(files: dict[str, bytes]) -> bytes:
-    lines = [f"{hashlib.sha256(data).hexdigest()}  {rel}\n" for rel, data in files.items()]
-    return "".join(lines).encode()
-
-
 def _write_tree(root: Path, files: dict[str, bytes], manifest: bool = True) -> Path:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     if manifest:
-        (root / "SHA256SUMS").write_bytes(_sums(files))
+        (root / "SHA256SUMS").write_bytes(sha256_sums(files))
     return root
-
-
-def _read_tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def _targz(files: dict[str, bytes], with_sums: bool = False) -> bytes:
     buf = io.BytesIO()
-    members = {**files, "SHA256SUMS": _sums(files)} if with_sums else files
+    members = {**files, "SHA256SUMS": sha256_sums(files)} if with_sums else files
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for rel, data in members.items():
             info = tarfile.TarInfo(rel)
@@ -71,8 +63,8 @@ def test_folder_fetch_then_up_to_date(tmp_path: Path) -> None:
     out = tmp_path / "data"
     first = fetch(str(src), out, _cfg())
     assert first["status"] == "fetched" and first["downloaded"] == len(FILES)
-    got = _read_tree(out)
-    assert {k: v for k, v in got.items() if k != MARKER_NAME} == _read_tree(src)
+    got = tree_bytes(out)
+    assert {k: v for k, v in got.items() if k != MARKER_NAME} == tree_bytes(src)
     assert not (tmp_path / "data.partial").exists()
     second = fetch(str(src), out, _cfg())
     assert second["status"] == "up to date" and second["downloaded"] == 0
@@ -140,7 +132,7 @@ def test_existing_foreign_out_is_not_touched(tmp_path: Path) -> None:
     (out / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="already exists"):
         fetch(str(src), out, _cfg())
-    assert _read_tree(out) == {"mine.txt": b"keep"}
+    assert tree_bytes(out) == {"mine.txt": b"keep"}
 
 
 def test_second_fetch_into_same_staging_is_locked_out(tmp_path: Path) -> None:
@@ -191,7 +183,7 @@ def test_http_archive_with_sidecar_and_inner_manifest(tmp_path: Path) -> None:
         again = fetch(srv.url("ds.tar.gz"), tmp_path / "data", _cfg())
         assert again["status"] == "up to date"
         assert srv.hits("ds.tar.gz") == [None]
-    got = _read_tree(tmp_path / "data")
+    got = tree_bytes(tmp_path / "data")
     assert all(got[rel] == data for rel, data in FILES.items())
 
 
@@ -217,7 +209,7 @@ def test_http_archive_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
 
 def test_http_archive_inner_manifest_mismatch_names_member(tmp_path: Path) -> None:
     buf = io.BytesIO()
-    sums = _sums(FILES).replace(_sha(FILES["refcoco/instances.json"]).encode(), b"0" * 64)
+    sums = sha256_sums(FILES).replace(_sha(FILES["refcoco/instances.json"]).encode(), b"0" * 64)
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for rel, data in {**FILES, "SHA256SUMS": sums}.items():
             info = tarfile.TarInfo(rel)
@@ -351,9 +343,7 @@ def s3_endpoint():  # type: ignore[no-untyped-def]
 
 def _upload(endpoint: str, files: dict[str, bytes], prefix: str) -> str:
     """Put `files` and their SHA256SUMS under s3://bucket/<prefix>/; returns that URL."""
-    client = s3_client(endpoint, FAST)
-    for rel, data in {**files, "SHA256SUMS": _sums(files)}.items():
-        client.put_object(Bucket="bucket", Key=f"{prefix}/{rel}", Body=data)
+    put_tree(s3_client(endpoint, FAST), "bucket", prefix, files)
     return f"s3://bucket/{prefix}"
 
 
@@ -367,8 +357,8 @@ def test_s3_prefix_fetch_then_up_to_date(tmp_path: Path, s3_endpoint: str,
     monkeypatch.setenv("CRIS_S3_ENDPOINT_URL", s3_endpoint)
     assert main(["data", "fetch", "--source", url, "--out", str(out)]) == 0
     assert main(["data", "fetch", "--source", url, "--out", str(tmp_path / "again")]) == 0
-    again = _read_tree(tmp_path / "again")
-    assert again == {**_read_tree(out), MARKER_NAME: again[MARKER_NAME]}
+    again = tree_bytes(tmp_path / "again")
+    assert again == {**tree_bytes(out), MARKER_NAME: again[MARKER_NAME]}
 
 
 def test_s3_ranged_resume_and_missing_sources(tmp_path: Path, s3_endpoint: str) -> None:

@@ -9,7 +9,6 @@ the next fetch after the restart continues the partial file and verifies it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from file_trees import put_tree
 
 from cris_model.data import fetch as fetch_module
 from cris_model.data.fetch import FetchConfig, RetryPolicy, fetch
@@ -58,14 +58,11 @@ def test_store_killed_mid_download_then_restarted_resumes_and_verifies(
     for name, value in store.env().items():
         monkeypatch.setenv(name, value)
     files = {BIG: os.urandom(SIZE), "refcoco/instances.json": b'{"images": []}'}
-    sums = "".join(f"{hashlib.sha256(d).hexdigest()}  {rel}\n" for rel, d in files.items())
     out, part = tmp_path / "data", tmp_path / "data.partial" / "parts" / BIG
     store.start()
     try:
         store.ensure_bucket("datasets")
-        client = store.client()
-        for rel, data in {**files, "SHA256SUMS": sums.encode()}.items():
-            client.put_object(Bucket="datasets", Key=f"refcoco/{rel}", Body=data)
+        put_tree(store.client(), "datasets", "refcoco", files)
         cfg = FetchConfig(endpoint_url=store.endpoint_url, progress=False, chunk_bytes=1 << 16,
                           retry=RetryPolicy(retries=1, backoff_s=0.05, timeout_s=5.0))
         killer = _KillAt(store, after=1 << 20)

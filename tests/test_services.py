@@ -30,6 +30,7 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 from dagster import AssetKey, DagsterInstance, PipesSubprocessClient, materialize
+from file_trees import tree_bytes
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -55,7 +56,6 @@ from tests.services_support import (
     bucket_keys,
     dvc,
     running_stack,
-    tree_bytes,
     upload_dataset,
 )
 
