@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -41,13 +40,6 @@ def require_browser() -> None:
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: run `make setup-browser` (Debian packages "
                     f"chromium and chromium-driver) or set {SKIP_ENV}=1", pytrace=False)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (chosen by the OS)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _log_tail(log: Path, chars: int = 2000) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from browser_support import Server, chromium, free_port, require_browser, wait_until
+from browser_support import Server, chromium, require_browser, wait_until
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -29,6 +29,7 @@ from cris_model.checkpoint import save_checkpoint
 from cris_model.config import get_preset
 from cris_model.model import build_model
 from cris_model.registry import CHAMPION, RegistryConfig, promote, register
+from infra.process import free_port
 from pipelines.definitions import ASSETS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,7 @@ from tiny_refer import make_prepared
 
 from cris_model.distributed import DistContext, sync_batchnorm
 from cris_model.train import train
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from infra.process import free_port
 
 
 def _net() -> torch.nn.Module:
@@ -60,7 +54,7 @@ def test_group_batchnorm_matches_batchnorm_over_the_global_batch(tmp_path: Path)
     x, y = _data()
     torch.nn.functional.mse_loss(net(x), y).backward()
     out = tmp_path / "rank0.pt"
-    mp.spawn(_group_bn_worker, args=(_free_port(), str(out)), nprocs=2)
+    mp.spawn(_group_bn_worker, args=(free_port(), str(out)), nprocs=2)
     got = torch.load(out, weights_only=True)
     for name, p in net.named_parameters():
         torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-9, atol=1e-12)
@@ -92,7 +86,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     script = tmp_path / "cris_cli.py"
     script.write_text(cli + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
            "train", "--params", str(params_file), "--data", str(prepared),
            "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

@@ -27,7 +27,6 @@ from reliability_support import (
     FAST_MLFLOW,
     MlflowFaultProxy,
     cris,
-    free_port,
     pause,
     pause_env,
 )
@@ -36,6 +35,7 @@ from tiny_refer import make_prepared
 from cris_model.registry import RegistryConfig, register
 from cris_model.tracking import SPOOL, MlflowTracker
 from infra.mlflow_server import MlflowServer
+from infra.process import free_port
 
 STEPS = 6  # 12 referred objects / batch 4 = 3 steps per epoch, 2 epochs
 CREATE_VERSION = "api/2.0/mlflow/model-versions/create"

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,18 +32,13 @@ from cris_model.data.masks import mask_from_rle
 from cris_model.model import build_model
 from cris_model.predict import Predictor
 from cris_model.registry import RegistryConfig, promote, register
+from infra.process import free_port
 
 W, H = 64, 41  # test image size (non-square)
 PHRASES = ["the red square", "the thing on the right"]
 START_TIMEOUT_S = 150.0  # bound on the server's start-up (imports torch, loads the model)
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _image() -> Image.Image:
@@ -84,7 +78,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def server(champion: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a running `mlflow models serve` for models:/cris@champion."""
     uri, _ = champion
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # mlflow and uvicorn of this environment
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
