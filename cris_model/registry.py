@@ -18,7 +18,6 @@ the first and deletes the copy: one model version per training run and checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -34,12 +33,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cris_model.checkpoint import META_FILES, WEIGHTS, read_checkpoint_meta
+from cris_model.data.fetch_checksums import sha256_file
 from cris_model.data.manifest import data_version
 from cris_model.params import section
 from cris_model.tracking import (
     MlflowTracker,
     client_errors,
     default_tracking_uri,
+    first_line,
     fluent_uris,
     unreachable,
 )
@@ -100,14 +101,6 @@ def registry_config(params: Mapping[str, Any], tracking_uri: str = "") -> Regist
         tracking_uri=tracking_uri or str(train.get("tracking_uri") or ""),
         experiment=str(train.get("experiment") or default.experiment),
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -214,7 +207,7 @@ def _retrying(action: Callable[[], _T], uri: str, config: RegistryConfig) -> _T:
                 raise
             if attempt == config.retries:
                 raise RuntimeError(f"{uri}: MLflow unreachable after {attempt + 1} attempt(s) "
-                                   f"({str(e).strip().splitlines()[0][:200]})") from e
+                                   f"({first_line(e)})") from e
             wait = config.retry_backoff_s * 2**attempt
             print(f"cris: warning: {uri}: MLflow unreachable; retrying in {wait:g} s",
                   file=sys.stderr)
@@ -310,7 +303,7 @@ def register(
     metrics = read_metrics(metrics_path or checkpoint / "metrics.json")
     train_run = run_id or meta["extra"].get("run_id") or None
     key = {"train_run_id": train_run or "none",
-           "checkpoint_sha256": _sha256(checkpoint / WEIGHTS)}
+           "checkpoint_sha256": sha256_file(checkpoint / WEIGHTS)}
     uri = config.resolved_uri()
     tags = {
         **key,

@@ -110,7 +110,8 @@ def client_errors() -> tuple[type[BaseException], ...]:
     return MlflowException, requests.RequestException, OSError
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when empty), at most 300 characters."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
@@ -186,7 +187,7 @@ class MlflowTracker:
             if not unreachable(e):
                 raise
             raise RuntimeError(f"{self.tracking_uri}: MLflow unreachable at the start of the "
-                               f"run ({_first_line(e)}); start it or set train.tracking: "
+                               f"run ({first_line(e)}); start it or set train.tracking: "
                                "false") from e
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -249,7 +250,7 @@ class MlflowTracker:
                 raise
             if not self._down:
                 print(f"cris: warning: MLflow at {self.tracking_uri} unreachable "
-                      f"({_first_line(e)}); keeping metrics and artifacts, retrying every "
+                      f"({first_line(e)}); keeping metrics and artifacts, retrying every "
                       f"{self.retry_s:g} s", file=sys.stderr)
             self._down, self._next_try = True, time.monotonic() + self.retry_s
             return False
