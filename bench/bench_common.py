@@ -31,6 +31,12 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a host clock can time it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def emit(result: dict[str, Any], out: str | Path | None = None) -> None:
     """Print `result` as one JSON line; with `out`, also write it there (temp file + rename)."""
     text = json.dumps(result, sort_keys=False)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_common import emit, machine
+from bench_common import emit, machine, sync
 from train_throughput import PHRASES, top_kernels
 
 from cris_model.accel import CapturedCall, prepare_for_inference
@@ -38,20 +38,15 @@ from cris_model.model import CRIS, build_model
 def _time_ms(fn: Callable[[], Any], calls: int, blocks: int, device: torch.device) -> float:
     """Median over `blocks` of the mean wall time of `calls` calls, in ms (device synced)."""
     fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(blocks):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) / calls * 1e3)
     return statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _inputs(batch: int, size: int, word_len: int, device: torch.device,

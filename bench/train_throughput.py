@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_common import emit, machine
+from bench_common import emit, machine, sync
 
 from cris_model.backbone import tokenize
 from cris_model.config import get_preset
@@ -124,11 +124,6 @@ def _set_lrs(opt: torch.optim.Optimizer, cfg: TrainConfig) -> None:
         group["lr"] = cfg.lr * (cfg.clip_lr_scale if group["name"] == "backbone" else 1.0)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
@@ -148,7 +143,7 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     base = _allocated(device)  # the input batches, held in every mode
     model = _model(args.preset, mode, device, cfg, dropout, seed)
     if mode.get("freeze_backbone"):
@@ -165,12 +160,12 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
     amp, fp16 = _amp(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     losses, marks = [], {}
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for i in range(steps):
         losses.append(_step(net, batches[i % len(batches)], opt, scaler, amp, 0.0))
         if i + 1 in (args.warmup, steps):
-            _sync(device)
+            sync(device)
             marks[i + 1] = time.perf_counter()
     done = marks[steps] - start
     steady = (steps - args.warmup) * args.batch_size / (marks[steps] - marks[args.warmup])
@@ -196,7 +191,7 @@ def top_kernels(fn: Callable[[], Any], calls: int, device: torch.device,
     with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(calls):
             fn()
-        _sync(device)
+        sync(device)
     if cuda:  # the kernels themselves, not the CPU-side ops that launched them
         rows = [(e.key, e.self_device_time_total) for e in prof.key_averages()
                 if e.device_type == torch.autograd.DeviceType.CUDA]
