@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 
 def _conv_bn_relu(
@@ -57,7 +58,7 @@ def use_mean_pooling(module: nn.Module, enabled: bool = True) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if enabled and isinstance(child, nn.AvgPool2d) and _plain(child):
-                setattr(parent, name, MeanPool2d(_side(child.kernel_size)))
+                setattr(parent, name, MeanPool2d(_pair(child.kernel_size)[0]))
             elif not enabled and isinstance(child, MeanPool2d):
                 setattr(parent, name, nn.AvgPool2d(child.kernel))
             else:
@@ -66,16 +67,11 @@ def use_mean_pooling(module: nn.Module, enabled: bool = True) -> int:
     return swapped
 
 
-def _side(value: int | tuple[int, ...]) -> int:
-    return value if isinstance(value, int) else value[0]
-
-
 def _plain(pool: nn.AvgPool2d) -> bool:
-    sizes = {_side(pool.kernel_size), _side(pool.stride or pool.kernel_size)}
-    square = all(isinstance(v, int) or len(set(v)) == 1
-                 for v in (pool.kernel_size, pool.stride or pool.kernel_size))
-    return (square and len(sizes) == 1 and pool.padding in (0, (0, 0)) and not pool.ceil_mode
-            and pool.divisor_override is None)
+    """A square kxk pool with stride k, no padding, floor mode and the plain divisor."""
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride)
+    return (kernel == stride and kernel[0] == kernel[1] and _pair(pool.padding) == (0, 0)
+            and not pool.ceil_mode and pool.divisor_override is None)
 
 
 def _coords(x: torch.Tensor) -> torch.Tensor:

@@ -158,16 +158,18 @@ class Predictor:
     def _logits(self, tokens: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """NxL tokens against the image features -> Nx1xhxw logits (graph replay when fast)."""
         keys = self.model.image_keys
+        maps = [features[k] for k in keys]
+
+        def head(text: torch.Tensor, *image_maps: torch.Tensor) -> torch.Tensor:
+            image = dict(zip(keys, image_maps, strict=True))
+            return self.model.head({**image, **self.model.encode_text(text)})
+
         n = tokens.shape[0]
         if not self.fast or (n not in self._heads and len(self._heads) >= HEAD_GRAPHS):
-            return self.model.head({**features, **self.model.encode_text(tokens)})
+            return head(tokens, *maps)
         if n not in self._heads:
-            def head(text: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
-                image = dict(zip(keys, maps, strict=True))
-                return self.model.head({**image, **self.model.encode_text(text)})
-
-            self._heads[n] = CapturedCall(head, [tokens, *(features[k] for k in keys)])
-        return self._heads[n](tokens, *(features[k] for k in keys))
+            self._heads[n] = CapturedCall(head, [tokens, *maps])
+        return self._heads[n](tokens, *maps)
 
     def predict(self, texts: str | Sequence[str]) -> list[np.ndarray]:
         """Per-expression boolean HxW masks at the original image size (prob > threshold)."""
