@@ -5,7 +5,8 @@
 - fast: BatchNorm folded, bf16 weights, channels-last, the matmul dynamic convolution,
   reshape-mean pooling (`cris_model.accel.prepare_for_inference`), eager and replayed as a
   CUDA graph (`cris_model.accel.CapturedCall`); --variants times it again with one lever
-  off (nofold: BatchNorm kept; avgpool: CLIP's AvgPool2d);
+  off (nofold: BatchNorm kept; avgpool: CLIP's AvgPool2d) or one more on (compiled: every
+  block through torch.compile, `cris_model.accel.compile_regions`);
 - one image, N expressions: the image encoded once and the head run on N phrases (two
   captured graphs), against N single calls.
 
@@ -28,7 +29,7 @@ import torch
 from bench_common import emit, machine, sync
 from train_throughput import PHRASES, top_kernels
 
-from cris_model.accel import CapturedCall, prepare_for_inference
+from cris_model.accel import CapturedCall, compile_regions, prepare_for_inference
 from cris_model.backbone import tokenize
 from cris_model.config import get_preset
 from cris_model.layers import use_mean_pooling
@@ -84,10 +85,21 @@ def _fast(ref: CRIS, device: torch.device, fold: bool = True, mean_pool: bool = 
 def _variants(ref: CRIS, names: list[str], image: torch.Tensor, text: torch.Tensor,
               big: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace,
               device: torch.device) -> dict[str, float]:
-    """Batch-1 (graphed on a GPU) and large-batch figures of fast with one lever off."""
+    """Batch-1 (graphed on a GPU) and large-batch figures of fast with one lever off, or
+    with every block compiled (`compiled`: its first call, compilation, timed alone)."""
     out: dict[str, float] = {}
     for name in names:
         model = _fast(ref, device, fold=name != "nofold", mean_pool=name != "avgpool")
+        if name == "compiled":
+            compile_regions(model)
+            start = time.perf_counter()
+            model(image, text)
+            sync(device)
+            out["fast_compiled_first_call_s"] = time.perf_counter() - start
+            want = _fast(ref, device)(big[0][:16], big[1][:16]).float()
+            got = model(big[0][:16], big[1][:16]).float()
+            out["fast_compiled_vs_fast_logits_rel_error"] = ((got - want).norm()
+                                                             / want.norm()).item()
         b1_ms, large_ms = _time_model(model, image, text, big, args, device)
         out[f"fast_{name}_b1_ms"] = b1_ms
         out[f"fast_{name}_b{args.batch_size}_samples_per_s"] = args.batch_size / large_ms * 1e3
@@ -112,7 +124,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks (median)")
     parser.add_argument("--profile", type=int, default=0, help="profiled fast large-batch calls")
     parser.add_argument("--variants", default="", help="comma list of nofold,avgpool: fast "
-                        "with that lever off, timed too")
+                        "with that lever off; compiled: fast with its blocks compiled")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="")
     args = parser.parse_args()

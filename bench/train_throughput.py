@@ -10,11 +10,14 @@ device (no data loading), from the same random initial weights:
   reshape-mean 2x2 pooling in CLIP's ResNet (the project's defaults on a GPU);
 - fast_avgpool: fast with CLIP's own AvgPool2d (isolates the pooling lever);
 - fast_ckpt: fast with the CLIP ResNet stages recomputed in backward
-  (`train.activation_checkpointing`): the memory lever;
+  (`train.activation_checkpointing: [backbone]`); fast_ckpt_all also recomputes the decoder
+  and the projector's upsampling stack: the memory levers;
 - cached: fast with a frozen CLIP, the head trained from CLIP features (the feature-cache
   path, features resident on the device);
-- fast_compiled (with --compile): fast under torch.compile, compilation included in the
-  time to the first 100 steps.
+- fast_compiled: fast with every block compiled (`train.compile`,
+  `cris_model.accel.compile_regions`), compilation included in the time to the last step
+  and reported alone as the first step's time; fast_compiled_ckpt_all adds every
+  recomputed part.
 
 Then the loss curves of fast (bf16) and of the reference settings in fp32 on the same
 batches over --curve-steps steps (dropout off so that only arithmetic differs), from
@@ -38,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from bench_common import emit, machine, sync
 
+from cris_model.accel import compile_regions
 from cris_model.backbone import tokenize
 from cris_model.config import get_preset
 from cris_model.imaging import normalize
 from cris_model.layers import use_mean_pooling
-from cris_model.model import CRIS, build_model
+from cris_model.model import CHECKPOINT_PARTS, CRIS, build_model
 from cris_model.train import TrainConfig, _amp, _Net, _optimizer, _step, memory_format
 
 MODES: dict[str, dict[str, Any]] = {
@@ -54,11 +58,18 @@ MODES: dict[str, dict[str, Any]] = {
                      "fused_optimizer": True, "dynamic_conv": "matmul", "mean_pool": False},
     "fast_ckpt": {"precision": "bf16", "memory_format": "channels_last",
                   "fused_optimizer": True, "dynamic_conv": "matmul",
-                  "activation_checkpointing": True},
+                  "activation_checkpointing": ["backbone"]},
+    "fast_ckpt_all": {"precision": "bf16", "memory_format": "channels_last",
+                      "fused_optimizer": True, "dynamic_conv": "matmul",
+                      "activation_checkpointing": list(CHECKPOINT_PARTS)},
     "cached": {"precision": "bf16", "memory_format": "channels_last", "fused_optimizer": True,
                "dynamic_conv": "matmul", "freeze_backbone": True},
     "fast_compiled": {"precision": "bf16", "memory_format": "channels_last",
                       "fused_optimizer": True, "dynamic_conv": "matmul", "compile": True},
+    "fast_compiled_ckpt_all": {"precision": "bf16", "memory_format": "channels_last",
+                               "fused_optimizer": True, "dynamic_conv": "matmul",
+                               "compile": True,
+                               "activation_checkpointing": list(CHECKPOINT_PARTS)},
     "fp32": {"precision": "fp32", "memory_format": "contiguous", "fused_optimizer": False,
              "dynamic_conv": "grouped", "mean_pool": False},
 }
@@ -92,16 +103,19 @@ def _model(preset: str, mode: dict[str, Any], device: torch.device, cfg: TrainCo
     config = get_preset(preset, random_init=True, pretrained="",
                         dynamic_conv=mode["dynamic_conv"], dropout=dropout)
     model = build_model(config)
-    model.backbone.checkpoint_stages = cfg.activation_checkpointing
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     use_mean_pooling(model, mode.get("mean_pool", True))
     if mode.get("freeze_backbone"):
         model.backbone.requires_grad_(False)
-    return model.to(device, memory_format=memory_format(cfg, device))
+    model = model.to(device, memory_format=memory_format(cfg, device))
+    if cfg.compile:
+        compile_regions(model)
+    return model
 
 
 def _config(mode: dict[str, Any], batch: int) -> TrainConfig:
     keys = ("precision", "memory_format", "fused_optimizer", "freeze_backbone",
-            "activation_checkpointing")
+            "activation_checkpointing", "compile")
     return replace(TrainConfig(), batch_size=batch, **{k: mode[k] for k in keys if k in mode})
 
 
@@ -152,9 +166,7 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
     model.train()
     if mode.get("freeze_backbone"):
         model.backbone.eval()
-    net: torch.nn.Module = _Net(model, cfg.freeze_backbone, memory_format(cfg, device))
-    if mode.get("compile"):
-        net = torch.compile(net)
+    net = _Net(model, cfg.freeze_backbone, memory_format(cfg, device))
     opt = _optimizer(model, cfg)
     _set_lrs(opt, cfg)
     amp, fp16 = _amp(cfg, device)
@@ -164,7 +176,7 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
     start = time.perf_counter()
     for i in range(steps):
         losses.append(_step(net, batches[i % len(batches)], opt, scaler, amp, 0.0))
-        if i + 1 in (args.warmup, steps):
+        if i + 1 in (1, args.warmup, steps):
             sync(device)
             marks[i + 1] = time.perf_counter()
     done = marks[steps] - start
@@ -172,6 +184,7 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
     result = {
         "mode": name, **{k: v for k, v in mode.items()}, "steps": steps,
         "seconds_to_last_step": round(done, 2),
+        "first_step_s": round(marks[1] - start, 2),
         "steady_samples_per_s": round(steady, 1),
         "peak_memory_gb": round((torch.cuda.max_memory_allocated(device) - base) / 1e9, 2)
         if device.type == "cuda" else None,
@@ -214,7 +227,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per mode (timed)")
     parser.add_argument("--warmup", type=int, default=30, help="steps before steady state")
     parser.add_argument("--modes", default="reference,fast,fast_ckpt,cached")
-    parser.add_argument("--compile", action="store_true", help="also time fast_compiled")
     parser.add_argument("--curve-steps", type=int, default=150, help="0 skips the loss curves")
     parser.add_argument("--curve-batch-size", type=int, default=8)
     parser.add_argument("--curve-seeds", type=int, default=2)
@@ -225,7 +237,7 @@ def main() -> None:
     size = get_preset(args.preset).input_size
     word_len = get_preset(args.preset).word_len
     batches = make_batches(4, args.batch_size, size, word_len, torch.device(args.device))
-    names = args.modes.split(",") + (["fast_compiled"] if args.compile else [])
+    names = args.modes.split(",")
     runs = {n: run_mode(n, args, batches, args.steps,
                         profile=args.profile if n == "fast" else 0) for n in names}
     ref = runs.get("reference")

@@ -102,3 +102,38 @@ class CapturedCall:
             buffer.copy_(x)
         self._graph.replay()
         return self._output
+
+
+RECOMPILE_LIMIT = 256  # compiled graphs kept: block shapes x train/eval x batch sizes seen
+
+
+def _region_types() -> tuple[type[nn.Module], ...]:
+    from open_clip.modified_resnet import Bottleneck
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from cris_model.layers import DecoderLayer, Projector, ResNetLevels, TextFPN, ViTLevels
+
+    return (Bottleneck, ResidualAttentionBlock, DecoderLayer, ResNetLevels, ViTLevels, TextFPN,
+            Projector)
+
+
+def compile_regions(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+    """torch.compile each block of a CRIS model in place: CLIP's ResNet bottlenecks and
+    transformer blocks, the decoder layers, the level adapter, the neck and the projector.
+    -> the number of modules compiled.
+
+    Each region becomes one fused graph, forward and backward (BatchNorm, ReLU and the
+    residual add in one kernel); blocks of the same shape share one compilation, so this
+    compiles in a fraction of a whole-model compile's time. The glue between regions, the
+    loss and the optimizer stay eager. Weights and state-dict keys do not change. Shapes are
+    specialised (no dynamic shapes): each new batch size or train/eval switch compiles once
+    more, so the compiled-graph limit is raised to RECOMPILE_LIMIT. Compile after any deep
+    copy: a copy would call the original's compiled blocks.
+    """
+    types = _region_types()
+    regions = [m for m in model.modules() if isinstance(m, types)]
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+    for region in regions:
+        region.compile(backend=backend, mode=mode, fullgraph=True, dynamic=False)
+    return len(regions)

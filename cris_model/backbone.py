@@ -17,10 +17,9 @@ be cached (see `CRIS.encode`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ from open_clip.transformer import VisionTransformer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from cris_model.layers import use_mean_pooling
+from cris_model.recompute import recompute
 
 TOKENIZER_NAME = "openai-clip-bpe"  # open_clip's SimpleTokenizer over the BPE vocab it ships
 PAD_ID = 0  # padding token id; the pad mask is tokens == PAD_ID
@@ -159,24 +158,6 @@ def _resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return grid.to(pos.dtype).flatten(2)[0].transpose(0, 1)
 
 
-@contextlib.contextmanager
-def _still_bn(module: nn.Module) -> Iterator[None]:
-    """BatchNorm running statistics and batch counts left unchanged (momentum 0) while a
-    checkpointed stage is recomputed, so they move once per step as without checkpointing."""
-    norms = [(m, m.num_batches_tracked) for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.num_batches_tracked is not None]
-    saved = [(m.momentum, int(count)) for m, count in norms]
-    for m, _ in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for (m, count), (momentum, value) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-            count.fill_(value)
-
-
 class ClipBackbone(nn.Module):
     """open_clip's image and text towers, read out as feature maps and word features.
 
@@ -264,10 +245,14 @@ class ClipBackbone(nn.Module):
     def _stage(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """fn(x), its activations recomputed in backward when `checkpoint_stages` is set
         (the high-resolution stages hold most of a training step's memory)."""
-        if not (self.checkpoint_stages and self.training and torch.is_grad_enabled()):
-            return fn(x)
-        return checkpoint(fn, x, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _still_bn(self)))
+        return recompute(self, fn, x) if self.checkpoint_stages else fn(x)
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Recompute the image tower in backward: ResNet stem..layer3 (layer4 and the text
+        tower are small), or every ViT block (open_clip's own switch)."""
+        self.checkpoint_stages = enabled and not self.is_vit
+        if self.is_vit:
+            self.visual.transformer.grad_checkpointing = enabled
 
     def _dense_attnpool(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP's attention pool at every position of BxCxhxw -> BxExhxw (no class token)."""

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from cris_model.recompute import recompute
+
 
 def _conv_bn_relu(
     in_dim: int, out_dim: int, kernel: int = 1, stride: int = 1
@@ -270,6 +272,7 @@ class VLDecoder(nn.Module):
             DecoderLayer(d_model, num_heads, dim_ffn, dropout, word_dim) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
+        self.checkpoint = False  # recompute each layer in backward (keeps only its input)
 
     def forward(
         self, vis: torch.Tensor, words: torch.Tensor, pad_mask: torch.Tensor
@@ -279,7 +282,8 @@ class VLDecoder(nn.Module):
                                                vis.device, vis.dtype, words.dtype)
         x = vis.flatten(2).transpose(1, 2)
         for layer in self.layers:
-            x = layer(x, words, vis_pos, word_pos, pad_mask)
+            args = (x, words, vis_pos, word_pos, pad_mask)
+            x = recompute(layer, layer, *args) if self.checkpoint else layer(*args)
         return self.norm(x).transpose(1, 2).reshape(b, d, h, w)
 
 
@@ -309,9 +313,10 @@ class Projector(nn.Module):
             nn.Conv2d(mid, mid, 1),
         )
         self.txt = nn.Linear(sentence_dim, mid * kernel_size * kernel_size + 1)
+        self.checkpoint = False  # recompute the upsampling stack in backward (stride-4 maps)
 
     def forward(self, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        x = self.vis(x)
+        x = recompute(self, self.vis, x) if self.checkpoint else self.vis(x)
         b, c = x.shape[:2]
         params = self.txt(sentence)
         weight = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)

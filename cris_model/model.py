@@ -7,7 +7,7 @@ trainable part and returns stride-4 logits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -17,6 +17,8 @@ from torch import nn
 from cris_model.backbone import ClipBackbone, create_clip
 from cris_model.config import ModelConfig, get_preset
 from cris_model.layers import Projector, ResNetLevels, TextFPN, ViTLevels, VLDecoder
+
+CHECKPOINT_PARTS = ("backbone", "decoder", "projector")  # parts that can recompute in backward
 
 
 class CRIS(nn.Module):
@@ -88,6 +90,19 @@ class CRIS(nn.Module):
         """Every new parameter: level adapter, neck, decoder, projector."""
         for part in (self.levels, self.neck, self.decoder, self.projector):
             yield from part.parameters()
+
+    def set_activation_checkpointing(self, parts: Iterable[str]) -> None:
+        """Recompute these parts' activations in backward instead of keeping them (see
+        CHECKPOINT_PARTS); the others keep theirs. The same weights and BatchNorm statistics
+        result, for one more forward pass of those parts."""
+        chosen = set(parts)
+        unknown = sorted(chosen - set(CHECKPOINT_PARTS))
+        if unknown:
+            raise ValueError(f"unknown activation checkpointing parts {', '.join(unknown)}; "
+                             f"choose from {', '.join(CHECKPOINT_PARTS)}")
+        self.backbone.set_checkpointing("backbone" in chosen)
+        self.decoder.checkpoint = "decoder" in chosen
+        self.projector.checkpoint = "projector" in chosen
 
     def train(self, mode: bool = True) -> CRIS:
         """Set train/eval mode; with config.freeze_backbone_bn the CLIP BatchNorm stays in eval."""

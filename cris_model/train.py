@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cris_model import train_state
+from cris_model.accel import compile_regions
 from cris_model.atomic import write_text
 from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, read_image
@@ -47,7 +48,7 @@ from cris_model.evaluate import mlflow_metric_name, predict_split
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
-from cris_model.model import CRIS, build_model, cris_loss
+from cris_model.model import CHECKPOINT_PARTS, CRIS, build_model, cris_loss
 from cris_model.params import section
 from cris_model.tracking import SPOOL, MlflowTracker, NullTracker, Tracker
 
@@ -74,7 +75,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
     memory_format: str = "auto"  # auto (channels_last on GPU) | channels_last | contiguous
     fused_optimizer: bool = True  # fused Adam kernel on GPU: one launch per step, not per op
-    activation_checkpointing: bool = False  # recompute CLIP ResNet stages in backward (memory)
+    activation_checkpointing: list[str] = field(default_factory=list)  # parts recomputed in
+    # backward to save memory: backbone, decoder, projector (model.CHECKPOINT_PARTS)
+    compile: bool = False  # torch.compile each block (accel.compile_regions); compiles first
     seed: int = 0  # seeds python, numpy and torch (same on every rank)
     deterministic: bool = False  # torch deterministic algorithms (exact resume; slower)
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -122,6 +125,10 @@ class TrainConfig:
             raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
         if self.val_split.startswith("test"):
             raise ValueError(f"train.val_split {self.val_split!r}: never select on a test split")
+        unknown = [p for p in self.activation_checkpointing if p not in CHECKPOINT_PARTS]
+        if unknown:
+            raise ValueError(f"train.activation_checkpointing: unknown parts {unknown}; choose "
+                             f"from {', '.join(CHECKPOINT_PARTS)}")
         if self.features_dir and not self.freeze_backbone:
             raise ValueError("train.features_dir needs train.freeze_backbone: true")
 
@@ -242,7 +249,7 @@ def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
     """The model from params `model:`, with the train-time freezes applied, on the device."""
     model_params = dict(section(params, "model"))
     model = build_model(get_preset(model_params.pop("preset", "cris_tiny"), **model_params))
-    model.backbone.checkpoint_stages = cfg.activation_checkpointing
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     elif cfg.freeze_token_embedding:
@@ -252,7 +259,10 @@ def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
         for p in frozen:
             p.requires_grad_(False)
     sync_batchnorm(model, ctx)
-    return model.to(ctx.device).to(memory_format=memory_format(cfg, ctx.device))
+    model = model.to(ctx.device).to(memory_format=memory_format(cfg, ctx.device))
+    if cfg.compile:
+        compile_regions(model)
+    return model
 
 
 def _optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -8,17 +8,23 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cris_model.accel import CapturedCall, fold_batchnorm, prepare_for_inference
+from cris_model.accel import (
+    CapturedCall,
+    compile_regions,
+    fold_batchnorm,
+    prepare_for_inference,
+)
 from cris_model.config import get_preset
+from cris_model.distributed import DistContext
 from cris_model.layers import (
     MeanPool2d,
     grouped_dynamic_conv,
     matmul_dynamic_conv,
     use_mean_pooling,
 )
-from cris_model.model import build_model
+from cris_model.model import CHECKPOINT_PARTS, build_model
 from cris_model.predict import Predictor
-from cris_model.train import TrainConfig, memory_format
+from cris_model.train import TrainConfig, _build, memory_format
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -119,10 +125,10 @@ def test_memory_format_is_channels_last_only_on_the_gpu() -> None:
         TrainConfig.from_params({"memory_format": "nhwc"})
 
 
-def _train_steps(checkpointing: bool) -> torch.nn.Module:
+def _train_steps(parts: tuple[str, ...]) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(get_preset("cris_tiny", dropout=0.1)).train()
-    model.backbone.checkpoint_stages = checkpointing
+    model.set_activation_checkpointing(parts)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     image, text = _inputs(4)
     torch.manual_seed(1)
@@ -134,12 +140,27 @@ def _train_steps(checkpointing: bool) -> torch.nn.Module:
     return model
 
 
-def test_activation_checkpointing_changes_no_weight_and_no_running_statistic() -> None:
-    plain, recomputed = _train_steps(False), _train_steps(True)
+@pytest.mark.parametrize("parts", [("backbone",), ("decoder", "projector"), CHECKPOINT_PARTS])
+def test_activation_checkpointing_changes_no_weight_and_no_running_statistic(
+    parts: tuple[str, ...],
+) -> None:
+    plain, recomputed = _train_steps(()), _train_steps(parts)
     want, got = plain.state_dict(), recomputed.state_dict()
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_activation_checkpointing_recomputes_and_refuses_unknown_parts() -> None:
+    model = build_model(get_preset("cris_tiny")).train()
+    image, text = _inputs(2)
+    calls = []
+    model.projector.vis.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.set_activation_checkpointing(["projector"])
+    model(image, text).sum().backward()
+    assert len(calls) == 2  # forward, and again in backward
+    with pytest.raises(ValueError, match="unknown activation checkpointing parts neck"):
+        model.set_activation_checkpointing(["neck"])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -168,3 +189,45 @@ def test_clip_resnet_pools_are_swapped_both_ways_without_changing_the_logits() -
     assert swapped >= 4
     assert sum(isinstance(m, torch.nn.AvgPool2d) for m in model.modules()) == swapped
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(model: torch.nn.Module, image: torch.Tensor,
+                    text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    loss = model(image, text).sigmoid().mean()
+    loss.backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return loss.detach(), torch.cat(grads)
+
+
+@pytest.mark.parametrize("parts", [(), ("decoder", "projector")])
+def test_compiled_regions_train_and_infer_like_the_eager_model(parts: tuple[str, ...]) -> None:
+    torch.manual_seed(0)
+    eager = build_model(get_preset("cris_tiny")).train()
+    compiled = copy.deepcopy(eager)
+    compiled.set_activation_checkpointing(parts)
+    # aot_eager traces every region through Dynamo and AOT autograd as inductor would,
+    # without inductor's code generation (minutes on a CPU); fullgraph: no region may break
+    assert compile_regions(compiled, backend="aot_eager") == 11
+    image, text = _inputs(4)
+    want_loss, want_grads = _loss_and_grads(eager, image, text)
+    got_loss, got_grads = _loss_and_grads(compiled, image, text)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert ((got_grads - want_grads).norm() / want_grads.norm()).item() < 1e-4
+    want, got = eager.state_dict(), compiled.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:  # BatchNorm statistics moved once, recomputed regions included
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(image[:3], text[:3]), eager(image[:3], text[:3]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_training_compiles_regions_only_when_asked() -> None:
+    params = {"model": {"preset": "cris_tiny"}}
+    ctx = DistContext()
+    for flag in (False, True):
+        model = _build(params, TrainConfig(compile=flag), ctx)
+        compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+        assert len(compiled) == (11 if flag else 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -11,23 +10,16 @@ from types import ModuleType
 import pandas as pd
 import pytest
 import torch
+from bench_support import import_bench
 
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler
 from cris_model.train import TrainConfig, _loader
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture
 def loader_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """bench/loader_throughput.py as a module (bench/ on sys.path, as when run as a script)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("loader_throughput",
-                                                  BENCH / "loader_throughput.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/loader_throughput.py as a module."""
+    return import_bench("loader_throughput", monkeypatch)
 
 
 def test_loader_throughput_reports_json_and_builds_coco_sized_data(

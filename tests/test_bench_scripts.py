@@ -25,12 +25,15 @@ def _run(script: str, *args: str, tmp_path: Path) -> dict:
 
 def test_train_throughput_reports_modes_and_the_loss_curves(tmp_path: Path) -> None:
     result = _run("train_throughput", "--batch-size", "2", "--steps", "3", "--warmup", "1",
-                  "--modes", "fast,fast_ckpt,cached", "--curve-steps", "4",
+                  "--modes", "fast,fast_ckpt_all,cached", "--curve-steps", "4",
                   "--curve-batch-size", "2", "--profile", "1", tmp_path=tmp_path)
     assert result["machine"]["torch"] and result["machine"]["cpu_count"] >= 1
-    assert set(result["modes"]) == {"fast", "fast_ckpt", "cached"}
+    assert set(result["modes"]) == {"fast", "fast_ckpt_all", "cached"}
+    assert result["modes"]["fast_ckpt_all"]["activation_checkpointing"] == [
+        "backbone", "decoder", "projector"]
     for mode in result["modes"].values():
         assert mode["steady_samples_per_s"] > 0 and mode["steps"] == 3
+        assert 0 < mode["first_step_s"] <= mode["seconds_to_last_step"]
     assert result["top_kernels_fast"] and result["top_kernels_fast"][0][1] > 0
     curve = result["loss_curve"]
     assert set(curve["curves"]) == {"bf16_fast_seed0", "fp32_reference_seed0",

@@ -1,0 +1,49 @@
+"""Activation checkpointing: keep a region's inputs and recompute its activations in backward.
+
+Recomputing trades arithmetic for memory. A region with BatchNorm would update its running
+statistics twice per step; `recompute` holds them still during the second pass, so a
+checkpointed model trains to the same weights and statistics as one that is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@contextlib.contextmanager
+def _still_bn(module: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics and batch counts under `module` left unchanged
+    (momentum 0) while the region is recomputed, so they move once per step."""
+    norms = [(m, m.num_batches_tracked) for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.num_batches_tracked is not None]
+    saved = [(m.momentum, int(count)) for m, count in norms]
+    for m, _ in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for (m, count), (momentum, value) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            count.fill_(value)
+
+
+def recompute(owner: nn.Module, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """fn(*args), its activations recomputed in backward when `owner` trains with gradients
+    enabled (otherwise a plain call). `owner` holds the BatchNorms that fn runs.
+
+    Inside a compiled region the compiler's partitioner does the recomputing, from the
+    forward graph whose statistics update already ran once, so no BatchNorm guard is needed.
+    """
+    if not (owner.training and torch.is_grad_enabled()):
+        return fn(*args)
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _still_bn(owner)))
