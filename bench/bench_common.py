@@ -39,11 +39,23 @@ def sync(device: torch.device) -> None:
 
 def emit(result: dict[str, Any], out: str | Path | None = None) -> None:
     """Print `result` as one JSON line; with `out`, also write it there (temp file + rename)."""
-    text = json.dumps(result, sort_keys=False)
-    print(text)
+    print(json.dumps(result, sort_keys=False))
     sys.stdout.flush()
     if out:
-        path = Path(out)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(path)
+        save(result, out)
+
+
+def save(result: dict[str, Any], out: str | Path) -> None:
+    """Write `result` as one JSON line to `out` (temp file + rename): also the partial
+    results a long benchmark keeps on disk in case its time limit ends it."""
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def failure(error: BaseException) -> dict[str, str]:
+    """A figure that could not be measured: the error's type and first line, reported in
+    place of the figure so the rest of the run still counts."""
+    lines = str(error).strip().splitlines()
+    return {"error": f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]}

@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one call, for a lent GPU machine that has torch but not open_clip:
-# installs the wheels carried in .whl/ (open_clip_torch, ftfy, wcwidth, pycocotools), then
-# runs the train, inference and loader benchmarks, each under its own time limit, writing
-# <name>.json and <name>.log to $OUT (default bench-out/). Usage: bash bench/gpu_suite.sh
+# installs the wheels carried in $WHEELS (default .whl/: open_clip_torch, ftfy, wcwidth,
+# pycocotools) for $PYTHON (default python3, the one that holds torch there), then
+# runs the benchmarks named in $BENCHES (default: train infer; also: loader), each under its
+# own time limit, writing <name>.json and <name>.log to $OUT (default bench-out/). The train
+# and infer scripts save their figures as they go, so a limit that ends one keeps the rest.
+# Usage: bash bench/gpu_suite.sh   (sized for one 600 s call; see BENCHMARKS.md)
 set -uo pipefail
-OUT=${OUT:-bench-out}
+OUT=${OUT:-bench-out} WHEELS=${WHEELS:-.whl} PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
-    --format=csv | tee "$OUT/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+        --format=csv | tee "$OUT/gpu.txt"
+fi
 
 run() {  # name, seconds, script args...
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS
-    timeout "$limit" python3 "$@" --out "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$PYTHON" "$@" --out "$OUT/$name.json" >"$OUT/$name.log" 2>&1
     echo "== $name: exit $? in $((SECONDS - start)) s"
     tail -c 1500 "$OUT/$name.log"
     echo
 }
 
-run infer_latency "${INFER_LIMIT:-120}" bench/infer_latency.py ${INFER_ARGS:-}
-run train_throughput "${TRAIN_LIMIT:-300}" bench/train_throughput.py ${TRAIN_ARGS:-}
-run loader_throughput "${LOADER_LIMIT:-150}" bench/loader_throughput.py ${LOADER_ARGS:-}
+TRAIN_MODES=reference,fast,fast_compiled,fast_ckpt_all,fast_compiled_ckpt_all
+for bench in ${BENCHES:-train infer}; do
+    case $bench in
+    train) run train_throughput "${TRAIN_LIMIT:-360}" bench/train_throughput.py \
+        ${TRAIN_ARGS:---modes $TRAIN_MODES --curve-steps 0} ;;
+    infer) run infer_latency "${INFER_LIMIT:-200}" bench/infer_latency.py \
+        ${INFER_ARGS:---variants compiled --calls 20 --blocks 3} ;;
+    loader) run loader_throughput "${LOADER_LIMIT:-150}" bench/loader_throughput.py \
+        ${LOADER_ARGS:-} ;;
+    *) echo "unknown benchmark $bench (train, infer, loader)" >&2; exit 2 ;;
+    esac
+done

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_common import emit, machine, sync
+from bench_common import emit, failure, machine, save, sync
 
 from cris_model.accel import compile_regions
 from cris_model.backbone import tokenize
@@ -237,10 +237,25 @@ def main() -> None:
     size = get_preset(args.preset).input_size
     word_len = get_preset(args.preset).word_len
     batches = make_batches(4, args.batch_size, size, word_len, torch.device(args.device))
-    names = args.modes.split(",")
-    runs = {n: run_mode(n, args, batches, args.steps,
-                        profile=args.profile if n == "fast" else 0) for n in names}
-    ref = runs.get("reference")
+    runs: dict[str, dict[str, Any]] = {}
+    for name in args.modes.split(","):
+        try:
+            runs[name] = run_mode(name, args, batches, args.steps,
+                                  profile=args.profile if name == "fast" else 0)
+        except RuntimeError as e:  # a mode that fails (compile, memory) is reported, not fatal
+            runs[name] = {"mode": name, **failure(e)}
+        if args.out:
+            save(_summary(args, size, runs), args.out)
+    result = _summary(args, size, runs)
+    if args.curve_steps:
+        del batches
+        result["loss_curve"] = loss_curves(args, size, word_len)
+    emit(result, args.out or None)
+
+
+def _summary(args: argparse.Namespace, size: int,
+             runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON of the modes run so far, with their ratios to the reference mode."""
     result: dict[str, Any] = {
         "bench": "train_throughput", "machine": machine(), "preset": args.preset,
         "batch_size": args.batch_size, "input_size": size, "steps": args.steps,
@@ -248,20 +263,18 @@ def main() -> None:
         "modes": {n: {k: v for k, v in r.items() if k not in ("losses", "top_kernels")}
                   for n, r in runs.items()},
     }
-    if args.profile and "fast" in runs:
+    if "top_kernels" in runs.get("fast", {}):
         result["top_kernels_fast"] = runs["fast"]["top_kernels"]
-    if ref:
+    ref = runs.get("reference", {})
+    if "steady_samples_per_s" in ref:
         result["ratios_vs_reference"] = {
             n: {"samples_per_s": round(r["steady_samples_per_s"] / ref["steady_samples_per_s"], 2),
                 "peak_memory": round(r["peak_memory_gb"] / ref["peak_memory_gb"], 2)
                 if ref["peak_memory_gb"] else None,
                 "time_to_last_step": round(r["seconds_to_last_step"]
                                            / ref["seconds_to_last_step"], 2)}
-            for n, r in runs.items() if n != "reference"}
-    if args.curve_steps:
-        del batches
-        result["loss_curve"] = loss_curves(args, size, word_len)
-    emit(result, args.out or None)
+            for n, r in runs.items() if n != "reference" and "error" not in r}
+    return result
 
 
 def loss_curves(args: argparse.Namespace, size: int, word_len: int) -> dict[str, Any]:

@@ -280,7 +280,7 @@ class VLDecoder(nn.Module):
         b, d, h, w = vis.shape
         vis_pos, word_pos = _decoder_positions(d, h, w, words.shape[-1], words.shape[1],
                                                vis.device, vis.dtype, words.dtype)
-        x = vis.flatten(2).transpose(1, 2)
+        x = vis.flatten(2).transpose(1, 2).contiguous()  # BxNxD rows (free when channels-last)
         for layer in self.layers:
             args = (x, words, vis_pos, word_pos, pad_mask)
             x = recompute(layer, layer, *args) if self.checkpoint else layer(*args)

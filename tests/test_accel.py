@@ -200,20 +200,22 @@ def _loss_and_grads(model: torch.nn.Module, image: torch.Tensor,
     return loss.detach(), torch.cat(grads)
 
 
-@pytest.mark.parametrize("parts", [(), ("decoder", "projector")])
+@pytest.mark.parametrize("parts", [(), CHECKPOINT_PARTS])
 def test_compiled_regions_train_and_infer_like_the_eager_model(parts: tuple[str, ...]) -> None:
     torch.manual_seed(0)
-    eager = build_model(get_preset("cris_tiny")).train()
+    eager = build_model(get_preset("cris_tiny", dropout=0.1)).train()
     compiled = copy.deepcopy(eager)
     compiled.set_activation_checkpointing(parts)
     # aot_eager traces every region through Dynamo and AOT autograd as inductor would,
     # without inductor's code generation (minutes on a CPU); fullgraph: no region may break
     assert compile_regions(compiled, backend="aot_eager") == 11
     image, text = _inputs(4)
+    torch.manual_seed(1)
     want_loss, want_grads = _loss_and_grads(eager, image, text)
+    torch.manual_seed(1)  # the same dropout masks
     got_loss, got_grads = _loss_and_grads(compiled, image, text)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
-    assert ((got_grads - want_grads).norm() / want_grads.norm()).item() < 1e-4
+    assert ((got_grads - want_grads).norm() / want_grads.norm()).item() < 1e-3
     want, got = eager.state_dict(), compiled.state_dict()
     assert got.keys() == want.keys()
     for key in want:  # BatchNorm statistics moved once, recomputed regions included
