@@ -30,13 +30,13 @@ run() {  # name, seconds, script args...
     echo
 }
 
-TRAIN_MODES=reference,fast,fast_compiled,fast_ckpt_all,fast_compiled_ckpt_all
+TRAIN_MODES=reference,fast,fast_compiled,fast_ckpt_decoder,fast_compiled_ckpt_decoder
 for bench in ${BENCHES:-train infer}; do
     case $bench in
     train) run train_throughput "${TRAIN_LIMIT:-360}" bench/train_throughput.py \
         ${TRAIN_ARGS:---modes $TRAIN_MODES --curve-steps 0} ;;
     infer) run infer_latency "${INFER_LIMIT:-200}" bench/infer_latency.py \
-        ${INFER_ARGS:---variants compiled --calls 20 --blocks 3} ;;
+        ${INFER_ARGS:---variants compiled,overlap,compiled+overlap --calls 20 --blocks 3} ;;
     loader) run loader_throughput "${LOADER_LIMIT:-150}" bench/loader_throughput.py \
         ${LOADER_ARGS:-} ;;
     *) echo "unknown benchmark $bench (train, infer, loader)" >&2; exit 2 ;;
