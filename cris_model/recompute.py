@@ -1,8 +1,8 @@
 """Activation checkpointing: keep a region's inputs and recompute its activations in backward.
 
 Recomputing trades arithmetic for memory. A region with BatchNorm would update its running
-statistics twice per step; `recompute` holds them still during the second pass, so a
-checkpointed model trains to the same weights and statistics as one that is not.
+statistics twice per step; `recompute` undoes the second update, so a checkpointed model
+trains to the same weights and statistics as one that is not.
 """
 
 from __future__ import annotations
@@ -18,20 +18,19 @@ from torch.utils.checkpoint import checkpoint
 
 @contextlib.contextmanager
 def _still_bn(module: nn.Module) -> Iterator[None]:
-    """BatchNorm running statistics and batch counts under `module` left unchanged
-    (momentum 0) while the region is recomputed, so they move once per step."""
-    norms = [(m, m.num_batches_tracked) for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.num_batches_tracked is not None]
-    saved = [(m.momentum, int(count)) for m, count in norms]
-    for m, _ in norms:
-        m.momentum = 0.0
+    """BatchNorm running statistics and batch counts under `module` put back as they were
+    once the region has been recomputed, so they move once per step. (Restoring the
+    buffers, rather than zeroing the momentum, leaves every module attribute unchanged, so
+    compiled blocks inside the region are not recompiled for the second pass.)"""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+               if b is not None]
+    saved = [b.clone() for b in buffers]
     try:
         yield
     finally:
-        for (m, count), (momentum, value) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-            count.fill_(value)
+        for b, value in zip(buffers, saved, strict=True):
+            b.copy_(value)
 
 
 def recompute(owner: nn.Module, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
