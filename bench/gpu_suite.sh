@@ -2,9 +2,10 @@
 # Every GPU benchmark in one call, for a lent GPU machine that has torch but not open_clip:
 # installs the wheels carried in $WHEELS (default .whl/: open_clip_torch, ftfy, wcwidth,
 # pycocotools) for $PYTHON (default python3, the one that holds torch there), then
-# runs the benchmarks named in $BENCHES (default: train infer; also: loader), each under its
-# own time limit, writing <name>.json and <name>.log to $OUT (default bench-out/). The train
-# and infer scripts save their figures as they go, so a limit that ends one keeps the rest.
+# runs the benchmarks named in $BENCHES (default: train infer; also: loader, features),
+# each under its own time limit, writing <name>.json and <name>.log to $OUT (default
+# bench-out/). The train and infer scripts save their figures as they go, so a limit that
+# ends one keeps the rest.
 # Usage: bash bench/gpu_suite.sh   (sized for one 600 s call; see BENCHMARKS.md)
 set -uo pipefail
 OUT=${OUT:-bench-out} WHEELS=${WHEELS:-.whl} PYTHON=${PYTHON:-python3}
@@ -39,6 +40,9 @@ for bench in ${BENCHES:-train infer}; do
         ${INFER_ARGS:---variants compiled,overlap,compiled+overlap --calls 20 --blocks 3} ;;
     loader) run loader_throughput "${LOADER_LIMIT:-150}" bench/loader_throughput.py \
         ${LOADER_ARGS:-} ;;
-    *) echo "unknown benchmark $bench (train, infer, loader)" >&2; exit 2 ;;
+    features) run feature_loader_throughput "${FEATURES_LIMIT:-360}" \
+        bench/feature_loader_throughput.py ${FEATURES_ARGS:---device cuda --pin \
+        --workers 0,4,8,16 --images 600 --samples 8192 --seconds 6} ;;
+    *) echo "unknown benchmark $bench (train, infer, loader, features)" >&2; exit 2 ;;
     esac
 done

@@ -77,7 +77,7 @@ def _repeat_train(prepared: Path, refs: int) -> dict[str, int]:
     return counts
 
 
-def _make_data(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def make_data(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Generate, prepare and repeat the train split under `root`; reuse a matching earlier run."""
     settings = {"images": args.images, "samples": args.samples, "seed": args.seed,
                 "grain": args.grain, "sizes": [list(s) for s in COCO_SIZES]}
@@ -137,7 +137,7 @@ def _throughput(dataset: RefDataset, workers: int, args: argparse.Namespace,
             "samples_per_s": round(timed * args.batch_size / seconds, 1)}
 
 
-def _timed(fn: Any, n: int, repeats: int = 3) -> tuple[float, list[Any]]:
+def timed(fn: Any, n: int, repeats: int = 3) -> tuple[float, list[Any]]:
     """(ms per call of fn(i), mean over i < n, best of `repeats` passes; the results).
 
     The best pass is the least disturbed by other processes on a shared machine.
@@ -165,15 +165,15 @@ def _stage_times(dataset: RefDataset, n: int) -> dict[str, float]:
     rows = [dataset.rows.iloc[int(dataset.groups[i][0])] for i in range(n)]
     index = [int(dataset.groups[i][0]) for i in range(n)]
     ms: dict[str, float] = {}
-    ms["read_image"], images = _timed(lambda i: read_image(dataset.image_dir, rows[i]), n)
-    ms["letterbox_image"], boxed = _timed(lambda i: letterbox_image(images[i],
+    ms["read_image"], images = timed(lambda i: read_image(dataset.image_dir, rows[i]), n)
+    ms["letterbox_image"], boxed = timed(lambda i: letterbox_image(images[i],
                                                                      dataset.input_size), n)
-    ms["mask_decode"], masks = _timed(lambda i: dataset.original_mask(index[i]), n)
-    ms["letterbox_mask"], _ = _timed(lambda i: letterbox_mask(masks[i], boxed[i][1]), n)
-    ms["tokenize"], _ = _timed(lambda i: tokenize([str(rows[i]["sentence"])],
+    ms["mask_decode"], masks = timed(lambda i: dataset.original_mask(index[i]), n)
+    ms["letterbox_mask"], _ = timed(lambda i: letterbox_mask(masks[i], boxed[i][1]), n)
+    ms["tokenize"], _ = timed(lambda i: tokenize([str(rows[i]["sentence"])],
                                                   dataset.word_len), n)
-    ms["item"], items = _timed(lambda i: dataset[i], n)
-    ms["collate"] = _timed(lambda _: collate(items), 1)[0] / n
+    ms["item"], items = timed(lambda i: dataset[i], n)
+    ms["collate"] = timed(lambda _: collate(items), 1)[0] / n
     ms["other"] = ms["item"] - sum(ms[s] for s in _STAGES)
     return {k: round(v, 3) for k, v in ms.items()}
 
@@ -188,7 +188,7 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _machine() -> dict[str, Any]:
+def loader_machine() -> dict[str, Any]:
     """The shared machine record, plus what decides decoding speed: CPU model and Pillow."""
     return {**machine(), "platform": platform.platform(), "cpu_model": _cpu_model(),
             "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
@@ -196,7 +196,7 @@ def _machine() -> dict[str, Any]:
             "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo"))}
 
 
-def _worker_counts(text: str) -> list[int]:
+def worker_counts(text: str) -> list[int]:
     """'0,4,8,16' -> [0, 4, 8, 16], each capped at the CPU count, duplicates dropped."""
     try:
         asked = [int(v) for v in text.split(",") if v.strip()]
@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(root: Path, args: argparse.Namespace, workers: list[int]) -> dict[str, Any]:
-    data = _make_data(root, args)
+    data = make_data(root, args)
     dataset = RefDataset(root / "prepared", "train", args.input_size, args.word_len,
                          sample="ref", flip=True, seed=args.seed)
     per_sample = _breakdown(dataset, args.profile_items)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the bench; print its JSON on one line to stdout (and to --out) and return it."""
     args = _parser().parse_args(argv)
     args.images = args.images or min(320, max(4, math.ceil(args.samples / 10)))
-    workers = _worker_counts(args.workers)
+    workers = worker_counts(args.workers)
     tick = time.perf_counter()
     if args.data_dir is not None:
         figures = _run(args.data_dir.absolute(), args, workers)
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {"workers": workers, **{k: v for k, v in vars(args).items()
                                        if k not in ("workers", "out", "data_dir")},
                 "sample": "ref", "flip": True, "persistent_workers": False}
-    result = {"bench": "loader_throughput", "machine": _machine(), "settings": settings,
+    result = {"bench": "loader_throughput", "machine": loader_machine(), "settings": settings,
               **figures, "wall_s": round(time.perf_counter() - tick, 1)}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -279,9 +279,11 @@ def find_cache(root: Path, split: str, model: CRIS | None = None) -> Path:
 class FeatureDataset(Dataset):
     """Cached CLIP features of one split, as training items that need no image file.
 
-    An item is a dict with the keys of `CRIS.encode` for one sample (unbatched, float32),
-    `mask` SxS float32 in [0, 1] (the letterboxed truth, S = input size), and int ids
-    `index` (manifest row), `ref_id`, `sent_id` — the same ids and masks as `RefDataset`.
+    An item is a dict with the keys of `CRIS.encode` for one sample (unbatched, in the
+    cache's stored dtype: a float16 cache moves half the bytes through the loader, and the
+    trainer casts on the device), `mask` SxS float32 in [0, 1] (the letterboxed truth,
+    S = input size), and int ids `index` (manifest row), `ref_id`, `sent_id`: the same ids
+    and masks as `RefDataset`.
     `sample="ref"` (training): one item per referred object, its sentence drawn each epoch
     exactly as `RefDataset` draws it (seeded by seed, epoch, item; call `set_epoch`);
     `sample="sentence"`: one item per sentence. No flip: cached features are unflipped.
@@ -343,15 +345,15 @@ class FeatureDataset(Dataset):
         return self._handles[shard].get_slice(name)[row : row + 1][0]
 
     def features(self, index: int) -> dict[str, torch.Tensor]:
-        """CLIP features of manifest row `index` (the keys of `CRIS.encode`, unbatched)."""
+        """CLIP features of manifest row `index` (the keys of `CRIS.encode`, unbatched), as
+        stored: float16 or float32 floats (the meta's dtype), the padding mask as bool."""
         row = self.rows.iloc[index]
         shard = self.meta["shards"][int(row["shard"])]
         out = {}
         for prefix, keys, at in (("image", self.meta["image_keys"], int(row["image_row"])),
                                  ("text", self.meta["text_keys"], int(row["text_row"]))):
             for k in keys:
-                t = self._tensor(shard, f"{prefix}.{k}", at)
-                out[k] = t.float() if t.is_floating_point() else t
+                out[k] = self._tensor(shard, f"{prefix}.{k}", at)
         return out
 
     def mask(self, index: int) -> torch.Tensor:

@@ -222,8 +222,9 @@ class _Net(torch.nn.Module):
         self.memory_format = memory_format
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "image" not in batch:
-            return self.model.head({k: self._layout(v) for k, v in batch.items()
+        if "image" not in batch:  # cached features arrive in the cache's dtype (float16 too)
+            dtype = next(self.model.head_parameters()).dtype
+            return self.model.head({k: self._layout(v, dtype) for k, v in batch.items()
                                     if k not in _ID_KEYS})
         image = self._layout(normalize(batch["image"]))
         if not self.freeze_backbone:
@@ -232,8 +233,15 @@ class _Net(torch.nn.Module):
             feats = self.model.encode(image, batch["tokens"])
         return self.model.head(feats)
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
+    def _layout(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x in the memory format (4-d maps) and, given `dtype`, floats cast to it, in one copy
+        on x's device (a float16 value cast there equals one cast on the host)."""
+        if dtype is None or not x.is_floating_point():
+            dtype = x.dtype
+        if x.ndim != 4:
+            return x.to(dtype)
+        fmt = self.memory_format
+        return x.to(dtype=dtype, memory_format=fmt).contiguous(memory_format=fmt)
 
 
 def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:

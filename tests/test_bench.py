@@ -79,8 +79,8 @@ def test_loader_throughput_worker_counts_are_capped_and_checked(
         loader_bench: ModuleType) -> None:
     bench = loader_bench
     cpus = os.cpu_count() or 1
-    assert bench._worker_counts(f"0,1,{cpus},{cpus + 8}") == list(dict.fromkeys(
+    assert bench.worker_counts(f"0,1,{cpus},{cpus + 8}") == list(dict.fromkeys(
         [0, min(1, cpus), cpus]))
     for bad in ("", "4,x", "-1"):
         with pytest.raises(ValueError, match="--workers"):
-            bench._worker_counts(bad)
+            bench.worker_counts(bad)

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from cris_model import train as trainer
 from cris_model.cli import main
 from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, collate
@@ -78,6 +80,13 @@ def model() -> CRIS:
 def cache(model: CRIS, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("cache")
     return build_feature_cache(model, data, "train", root, batch_size=4, shard_bytes=300_000)
+
+
+@pytest.fixture(scope="module")
+def half(model: CRIS, data: Path, cache: dict) -> dict:
+    """A float16 cache of the same model beside the float32 one (same cache root)."""
+    root = Path(cache["path"]).parent.parent
+    return build_feature_cache(model, data, "train", root, dtype="float16", batch_size=6)
 
 
 def _image_step(model: CRIS, batch: dict) -> torch.Tensor:
@@ -204,18 +213,79 @@ def test_key_follows_what_the_features_depend_on(model: CRIS) -> None:
         cache_key_parts(model, "int8")
 
 
-def test_float16_cache_is_close_and_separate(model: CRIS, data: Path, cache: dict) -> None:
+def test_float16_cache_is_close_and_separate(model: CRIS, cache: dict, half: dict) -> None:
     root = Path(cache["path"]).parent.parent
-    half = build_feature_cache(model, data, "train", root, dtype="float16", batch_size=6)
     assert half["key"] != cache["key"] and half["dtype"] == "float16"
     full = FeatureDataset(Path(cache["path"]), "train", sample="sentence")
     low = FeatureDataset(Path(half["path"]), "train", sample="sentence")
     a, b = full[3], low[3]
-    assert b["img_c3"].dtype == torch.float32
-    torch.testing.assert_close(b["img_c3"], a["img_c3"], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(b["img_c3"].float(), a["img_c3"], rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="2 \\("):
         find_cache(root, "train")
     assert find_cache(root, "train", model) == Path(cache["path"])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_items_keep_the_stored_dtype(model: CRIS, cache: dict, half: dict,
+                                     in_memory: bool) -> None:
+    """Floats reach the loader as stored (float16 or float32); masks stay float32 and the
+    padding mask bool, so a float16 cache moves half the feature bytes to the trainer."""
+    nbytes = {}
+    for built, dtype in ((cache, torch.float32), (half, torch.float16)):
+        ds = FeatureDataset(Path(built["path"]), "train", model=model, in_memory=in_memory)
+        assert ds.in_memory is in_memory
+        batch = collate([ds[i] for i in (0, 7)])
+        floats = [*model.image_keys, "words", "sentence"]
+        assert {k: batch[k].dtype for k in floats} == dict.fromkeys(floats, dtype)
+        assert batch["pad_mask"].dtype == torch.bool and batch["mask"].dtype == torch.float32
+        assert float(batch["mask"].min()) >= 0 and float(batch["mask"].max()) <= 1
+        nbytes[dtype] = sum(batch[k].nbytes for k in floats)
+    assert nbytes[torch.float32] == 2 * nbytes[torch.float16]
+
+
+def _train_from(params: dict, data: Path, out: Path, batch_to: object,
+                monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, torch.Tensor]]:
+    """Run the real trainer with `_to` (host batch -> device) replaced by `batch_to`; returns
+    the saved weights and optimizer state."""
+    monkeypatch.setattr(trainer, "_to", batch_to)
+    assert trainer.train(params, data, out).steps == 3
+    return {name: load_file(str(out / "last" / f"{name}.safetensors"))
+            for name in ("model", "train_state")}
+
+
+def test_float16_cache_trains_bit_identically_to_casting_on_the_host(
+    model: CRIS, data: Path, half: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Casting cached float16 features on the device (`_Net`) gives exactly the losses,
+    weights and Adam moments of the old path, which cast every batch to float32 on the host."""
+    params = {"model": {"preset": "cris_tiny", "random_init": True},
+              "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "seed": 0, "max_steps": 3,
+                        "freeze_backbone": True, "features_dir": half["path"],
+                        "val_split": "train", "tracking": False, "progress": False,
+                        "log_every": 1, "gallery_size": 0},
+              "eval": {"threshold": 0.35}}
+    to, seen = trainer._to, []
+
+    def _as_stored(batch: dict, device: torch.device) -> dict:
+        seen.append(batch["img_c3"].dtype)
+        return to(batch, device)
+
+    def _float_on_host(batch: dict, device: torch.device) -> dict:
+        return to({k: v.float() if v.is_floating_point() else v for k, v in batch.items()},
+                  device)
+
+    kept = _train_from(params, data, tmp_path / "kept", _as_stored, monkeypatch)
+    cast = _train_from(params, data, tmp_path / "cast", _float_on_host, monkeypatch)
+    assert seen == [torch.float16] * 3
+    history = [(tmp_path / run / trainer.HISTORY).read_text() for run in ("kept", "cast")]
+    assert history[0] == history[1] and len(history[0].splitlines()) == 4
+    for name in ("model", "train_state"):
+        assert kept[name].keys() == cast[name].keys()
+        differ = [k for k in kept[name] if not torch.equal(kept[name][k], cast[name][k])]
+        assert not differ, differ[:5]
+    initial = model.state_dict()  # the weights train() starts from: the head trained
+    assert any(not torch.equal(initial[k], v) for k, v in kept["model"].items()
+               if k.startswith("neck."))
 
 
 def test_cache_of_another_model_is_refused(data: Path, cache: dict) -> None:
