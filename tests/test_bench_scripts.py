@@ -62,15 +62,18 @@ def test_infer_latency_reports_every_figure(tmp_path: Path) -> None:
 
 def test_gpu_suite_runs_the_named_benchmarks_and_keeps_their_json(tmp_path: Path) -> None:
     tiny = "--preset cris_tiny --device cpu --batch-size 2"
-    env = {**os.environ, "OUT": str(tmp_path), "BENCHES": "train infer",
+    env = {**os.environ, "OUT": str(tmp_path), "BENCHES": "train warm infer",
            "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),
            "TRAIN_ARGS": f"{tiny} --modes fast,fast_ckpt_all --steps 3 --warmup 1 "
                          "--curve-steps 0",
+           "WARM_ARGS": f"{tiny} --modes fast --steps 2 --warmup 1 --curve-steps 0",
            "INFER_ARGS": f"{tiny} --expressions 2 --calls 1 --blocks 1"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert "== train_throughput: exit 0" in proc.stdout, proc.stdout[-2000:]
     assert "== infer_latency: exit 0" in proc.stdout, proc.stdout[-2000:]
+    warm = json.loads((tmp_path / "train_throughput_warm.json").read_text())
+    assert set(warm["modes"]) == {"fast"} and warm["steps"] == 2
     train = json.loads((tmp_path / "train_throughput.json").read_text())
     assert set(train["modes"]) == {"fast", "fast_ckpt_all"}
     assert json.loads((tmp_path / "infer_latency.json").read_text())["figures"]
