@@ -284,7 +284,9 @@ class VLDecoder(nn.Module):
         for layer in self.layers:
             args = (x, words, vis_pos, word_pos, pad_mask)
             x = recompute(layer, layer, *args) if self.checkpoint else layer(*args)
-        return self.norm(x).transpose(1, 2).reshape(b, d, h, w)
+        # back in the input's dtype: under autocast LayerNorm answers in float32, and the
+        # projector would upsample that 4x map in float32 before its conv rounds it to bf16
+        return self.norm(x).to(vis.dtype).transpose(1, 2).reshape(b, d, h, w)
 
 
 class Projector(nn.Module):

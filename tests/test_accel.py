@@ -233,3 +233,15 @@ def test_training_compiles_regions_only_when_asked() -> None:
         model = _build(params, TrainConfig(compile=flag), ctx)
         compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
         assert len(compiled) == (11 if flag else 0)
+
+
+def test_decoder_answers_in_its_input_dtype_under_autocast() -> None:
+    model = build_model(get_preset("cris_tiny")).eval()
+    image, text = _inputs(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.encode(image, text)
+        fq = model.neck(model.levels({k: feats[k] for k in model.image_keys}),
+                        feats["sentence"])
+        out = model.decoder(fq, feats["words"], feats["pad_mask"])
+    # bf16 in, bf16 out: the projector then upsamples half the bytes (it was float32)
+    assert fq.dtype == out.dtype == torch.bfloat16

@@ -7,9 +7,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from cris_model.backbone import ClipBackbone, create_clip, tokenize, tokenizer_info
+from cris_model.backbone import ClipBackbone, _resize_grid, create_clip, tokenize, tokenizer_info
 
 SOT, EOT = 49406, 49407
 
@@ -177,3 +178,22 @@ def test_create_clip_rejects_bad_weight_files(tmp_path: Path, rn_clip: torch.nn.
     torch.save({"fn": print}, pickled)
     with pytest.raises(ValueError, match="code.pt"):
         create_clip("", TINY_RN, str(pickled), False)
+
+
+@pytest.mark.parametrize(("side", "size"), [(7, (13, 13)), (7, (10, 14)), (14, (26, 26)),
+                                            (7, (4, 4))])
+def test_positional_grid_resize_is_bicubic_interpolation_forward_and_backward(
+    side: int, size: tuple[int, int],
+) -> None:
+    gen = torch.Generator().manual_seed(side)
+    pos = torch.randn(side * side, 48, dtype=torch.float64, generator=gen, requires_grad=True)
+    grid = pos.T.reshape(1, 48, side, side)
+    want = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
+    want = want.flatten(2)[0].T
+    got = _resize_grid(pos, size)
+    assert got.dtype == pos.dtype and got.shape == (size[0] * size[1], 48)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # float32 matrix, float64 grid
+    weights = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(got, pos, weights)[0],
+                               torch.autograd.grad(want, pos, weights)[0], rtol=0, atol=1e-5)
+    assert _resize_grid(pos, (side, side)) is pos
