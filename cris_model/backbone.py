@@ -171,9 +171,10 @@ def _bicubic_matrix(
     """
     cpu = torch.device("cpu")  # explicit: a cached tensor must not inherit a meta context
     n = src[0] * src[1]
-    basis = torch.eye(n, dtype=torch.float64, device=cpu).reshape(n, 1, *src)
-    columns = F.interpolate(basis, size=dst, mode="bicubic", align_corners=False)
-    return columns.reshape(n, -1).T.to(device, torch.float32)
+    with torch.inference_mode(False):  # cached: must serve later autograd calls too
+        basis = torch.eye(n, dtype=torch.float64, device=cpu).reshape(n, 1, *src)
+        columns = F.interpolate(basis, size=dst, mode="bicubic", align_corners=False)
+        return columns.reshape(n, -1).T.to(device, torch.float32)
 
 
 class ClipBackbone(nn.Module):

@@ -95,12 +95,13 @@ def sine_positions_1d(dim: int, length: int) -> torch.Tensor:
     if dim % 2:
         raise ValueError(f"1D sine positions need an even width, got {dim}")
     cpu = torch.device("cpu")  # explicit: a cached tensor must not inherit a meta context
-    pos = torch.arange(length, dtype=torch.float32, device=cpu).unsqueeze(1)
-    steps = torch.arange(0, dim, 2, dtype=torch.float32, device=cpu)
-    freq = torch.exp(steps * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim, device=cpu)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)
+    with torch.inference_mode(False):  # nor be an inference tensor that autograd refuses
+        pos = torch.arange(length, dtype=torch.float32, device=cpu).unsqueeze(1)
+        steps = torch.arange(0, dim, 2, dtype=torch.float32, device=cpu)
+        freq = torch.exp(steps * (-math.log(10000.0) / dim))
+        out = torch.zeros(length, dim, device=cpu)
+        out[:, 0::2] = torch.sin(pos * freq)
+        out[:, 1::2] = torch.cos(pos * freq)
     return out
 
 
@@ -116,9 +117,9 @@ def sine_positions_2d(dim: int, height: int, width: int) -> torch.Tensor:
     half = dim // 2
     col = sine_positions_1d(half, width)  # W x half
     row = sine_positions_1d(half, height)  # H x half
-    grid = torch.cat(
-        [col.unsqueeze(0).expand(height, -1, -1), row.unsqueeze(1).expand(-1, width, -1)], dim=-1
-    )
+    with torch.inference_mode(False):
+        grid = torch.cat([col.unsqueeze(0).expand(height, -1, -1),
+                          row.unsqueeze(1).expand(-1, width, -1)], dim=-1)
     return grid.reshape(height * width, dim)
 
 
@@ -129,8 +130,9 @@ def _decoder_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(visual (h*w) x vis_dim, word length x word_dim) positions on the device, cached so a
     forward pass makes no host-to-device copy (which would also break CUDA-graph capture)."""
-    return (sine_positions_2d(vis_dim, height, width).to(device, vis_dtype),
-            sine_positions_1d(word_dim, length).to(device, word_dtype))
+    with torch.inference_mode(False):
+        return (sine_positions_2d(vis_dim, height, width).to(device, vis_dtype),
+                sine_positions_1d(word_dim, length).to(device, word_dtype))
 
 
 class ResNetLevels(nn.Module):

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from cris_model.backbone import ClipBackbone, _resize_grid, create_clip, tokenize, tokenizer_info
+from cris_model.backbone import (
+    ClipBackbone,
+    _bicubic_matrix,
+    _resize_grid,
+    create_clip,
+    tokenize,
+    tokenizer_info,
+)
 
 SOT, EOT = 49406, 49407
 
@@ -197,3 +204,12 @@ def test_positional_grid_resize_is_bicubic_interpolation_forward_and_backward(
     torch.testing.assert_close(torch.autograd.grad(got, pos, weights)[0],
                                torch.autograd.grad(want, pos, weights)[0], rtol=0, atol=1e-5)
     assert _resize_grid(pos, (side, side)) is pos
+
+
+def test_cached_resize_made_under_inference_mode_still_trains() -> None:
+    _bicubic_matrix.cache_clear()
+    pos = torch.randn(25, 8, requires_grad=True)
+    with torch.inference_mode():
+        _resize_grid(pos.detach(), (9, 9))  # the first call builds and caches the matrix
+    _resize_grid(pos, (9, 9)).sum().backward()  # autograd refuses inference tensors
+    assert pos.grad is not None and pos.grad.abs().sum() > 0
