@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup setup-dvc setup-browser setup-postgres test lint demo ui clean services \
-	services-stop services-status dvc-remote
+	services-stop services-status dvc-remote gpu-wheels
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -138,6 +138,19 @@ dvc-remote: setup setup-dvc
 		print(s.dvc_remote, s.s3_endpoint_url)" | { read url endpoint; \
 		$(DVC_VENV)/bin/dvc remote add --local -f -d store $$url && \
 		$(DVC_VENV)/bin/dvc remote modify --local store endpointurl $$endpoint; }
+
+# The wheels bench/gpu_suite.sh installs on a GPU machine whose image has torch but not these
+# (Python 3.12, x86-64), at the versions requirements.lock pins; .whl/ stays out of git.
+GPU_WHEELS := open_clip_torch ftfy wcwidth pycocotools
+gpu-wheels:
+	mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+		pin=$$(grep -i "^$$name==" requirements.lock) || exit 1; \
+		$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+			--implementation cp --platform manylinux_2_28_x86_64 \
+			--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+			"$$pin" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(DVC_VENV) demo .pytest_cache
