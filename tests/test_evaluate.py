@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from cris_model.backbone import tokenize
-from cris_model.checkpoint import save_checkpoint
+from cris_model.checkpoint import load_checkpoint, save_checkpoint
 from cris_model.cli import main
 from cris_model.config import get_preset
 from cris_model.data.dataset import open_split
@@ -218,6 +218,30 @@ def test_cli_threshold_from_params_and_flag(data: Path, checkpoint: Path, tmp_pa
     assert "threshold must be in (0, 1)" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "d"), "--split", "nope"]) == 1
     assert "nope.parquet: manifest not found" in capsys.readouterr().err
+
+
+def test_bf16_evaluation_stays_close_to_fp32(data: Path, checkpoint: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    exact = evaluate_split(checkpoint, data, "val", tmp_path / "fp32", threshold=0.5,
+                           gallery_size=0)
+    fast = evaluate_split(checkpoint, data, "val", tmp_path / "bf16", threshold=0.5,
+                          gallery_size=0, precision="bf16")
+    assert (exact["precision"], fast["precision"]) == ("fp32", "bf16")
+    assert fast["count"] == exact["count"] and abs(fast["mIoU"] - exact["mIoU"]) < 0.05
+    rows, image_dir = open_split(data, "val")
+    model = load_checkpoint(checkpoint)
+    want = [p for _, p in predict_split(model, rows, image_dir)]
+    got = [p for _, p in predict_split(model, rows, image_dir, precision="bf16")]
+    gaps = [float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)]
+    assert 0.0 < max(gaps) < 0.05  # autocast really ran, and only rounding moved
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        next(predict_split(model, rows, image_dir, precision="fp16"))
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  precision: bf16\n")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--split",
+                 "val", "--gallery-size", "0", "--out", str(tmp_path / "cli"), "--params",
+                 str(params)]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "bf16"
 
 
 @pytest.mark.slow

@@ -12,13 +12,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cris_model.evaluate import evaluate_split
     from cris_model.params import load_params, section
 
-    threshold = args.threshold
-    if threshold is None and (args.params or args.overrides):
-        threshold = section(load_params(args.params, args.overrides), "eval").get("threshold")
+    settings = (section(load_params(args.params, args.overrides), "eval")
+                if args.params or args.overrides else {})
+    threshold = settings.get("threshold") if args.threshold is None else args.threshold
+    precision = args.precision or settings.get("precision", "fp32")
     result = evaluate_split(
         Path(args.checkpoint), Path(args.data), args.split, Path(args.out),
         threshold=threshold, device=args.device, batch_size=args.batch_size,
         run_id=args.run_id, tracking_uri=args.tracking_uri, gallery_size=args.gallery_size,
+        precision=precision,
     )
     print_json(result)
     return 0
@@ -46,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="sigmoid threshold (default: eval.threshold, else the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (exact) or bf16 autocast (faster on a GPU); default: "
+                        "eval.precision, else fp32")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per head call")
     p.add_argument("--gallery-size", type=int, default=4, help="cases per gallery row (0: none)")
     p.add_argument("--run-id", default=None, help="MLflow run to log metrics and files to")

@@ -175,11 +175,12 @@ def evaluation(
     split = context.partition_key
     best = storage.path(TRAIN) / "best"
     run_id = read_checkpoint_meta(best)["extra"].get("run_id")
-    threshold = section(params.load(), "eval").get("threshold")
+    settings = section(params.load(), "eval")
     out = storage.path(f"{EVAL}/{split}")
-    result = evaluate_split(best, storage.path(PREPARED), split, out, threshold=threshold,
-                            device=compute.device, run_id=run_id,
-                            tracking_uri=mlflow.tracking_uri)
+    result = evaluate_split(best, storage.path(PREPARED), split, out,
+                            threshold=settings.get("threshold"), device=compute.device,
+                            run_id=run_id, tracking_uri=mlflow.tracking_uri,
+                            precision=settings.get("precision", "fp32"))
     scores = {k: v for k, v in result.items() if isinstance(v, float) and k != "threshold"}
     metadata: dict[str, Any] = {
         "metrics": metrics_table({split: scores}), "mIoU": float(result["mIoU"]),
