@@ -132,8 +132,9 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: str | Non
     """
     types = _region_types()
     regions = [m for m in model.modules() if isinstance(m, types)]
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config  # recompile_limit; cache_size_limit in older torch
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for region in regions:
         region.compile(backend=backend, mode=mode, fullgraph=True, dynamic=False)
     return len(regions)
