@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 from bench_common import emit, save
-from loader_throughput import loader_machine, make_data, timed, worker_counts
+from loader_throughput import loader_machine, make_data, timed, timed_pass, worker_counts
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from cris_model.data.dataset import ShardedBatchSampler, collate
+from cris_model.data.dataset import collate
 from cris_model.features import (
     IN_MEMORY_BYTES,
     FeatureDataset,
@@ -43,7 +43,7 @@ from cris_model.features import (
     model_from_params,
 )
 from cris_model.model import CRIS
-from cris_model.train import TrainConfig, _loader, _to
+from cris_model.train import TrainConfig, _to
 
 STORAGES = {"ram": True, "mmap": False}  # --storage name -> FeatureDataset in_memory
 TARGET_SAMPLES_PER_S = 754.5  # cached training on an H100, features already on the GPU
@@ -125,38 +125,16 @@ def _device_step(batch: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def _throughput(dataset: FeatureDataset | _Float32Items, workers: int, args: argparse.Namespace
                 ) -> dict[str, Any]:
-    """Samples/s and bytes/s of one epoch-0 pass through the training loader, timed from the
-    end of the warm-up (one batch per worker, 2 at least) for up to args.seconds."""
+    """Samples/s and bytes/s of one pass through the training loader (`timed_pass`); with
+    --pin every timed batch also goes to the device as training sends it."""
     cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, num_workers=workers,
                       device="cuda" if args.pin else "cpu", freeze_backbone=True)
-    sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
-    warm = max(2, workers)
-    if len(sampler) <= warm:
-        raise ValueError(f"--samples {args.samples} gives {len(sampler)} batches of "
-                         f"{args.batch_size}, not more than the {warm} warm-up batches")
-    dataset.set_epoch(0)
-    sampler.set_epoch(0)
     device = torch.device(args.device)
-    tick = time.perf_counter()
-    batches = iter(_loader(dataset, sampler, cfg))
-    first_s, nbytes = 0.0, {}
-    for _ in range(warm):
-        batch = next(batches)
-        first_s = first_s or time.perf_counter() - tick
-        nbytes = _bytes_per_sample(batch)
-    start, timed = time.perf_counter(), 0
-    for batch in batches:
-        if args.pin:
-            _device_step(batch, device)
-        timed += 1
-        if time.perf_counter() - start >= args.seconds:
-            break
-    seconds = time.perf_counter() - start
-    del batches
-    samples = timed * args.batch_size
-    return {"workers": workers, "pin_memory": args.pin, "first_batch_s": round(first_s, 3),
-            "batches": timed, "samples": samples, "seconds": round(seconds, 3),
-            "samples_per_s": round(samples / seconds, 1),
+    on_batch = (lambda batch: _device_step(batch, device)) if args.pin else None
+    figures, warm_batch = timed_pass(dataset, cfg, args, on_batch)
+    nbytes = _bytes_per_sample(warm_batch)
+    samples, seconds = figures["samples"], figures["seconds"]
+    return {**figures,
             "feature_gb_per_s": round(samples * nbytes["features"] / seconds / 1e9, 3),
             "total_gb_per_s": round(samples * nbytes["total"] / seconds / 1e9, 3),
             "bytes_per_sample": nbytes}

@@ -21,6 +21,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ import pyarrow.parquet as pq
 import torch
 from bench_common import emit, machine
 from PIL import features
-from torch.utils.data import DataLoader
 
 from cris_model.atomic import staged_file, write_text
 from cris_model.backbone import tokenize
@@ -40,6 +40,7 @@ from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, re
 from cris_model.data.manifest import prepare_dataset
 from cris_model.data.synth import SynthConfig, generate
 from cris_model.imaging import letterbox_image, letterbox_mask
+from cris_model.train import TrainConfig, _loader
 
 COCO_SIZES = ((640, 480), (640, 480), (640, 427), (480, 640), (500, 375))  # (width, height)
 _STAGES = ("read_image", "letterbox_image", "mask_decode", "letterbox_mask", "tokenize")
@@ -101,40 +102,46 @@ def make_data(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {**data, "reused": False}
 
 
-def _loader(dataset: RefDataset, sampler: ShardedBatchSampler, workers: int, seed: int,
-            pin_memory: bool) -> DataLoader:
-    """The DataLoader as `cris_model.train._loader` builds it (that module imports mlflow)."""
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=False,
-                      pin_memory=pin_memory)
-
-
-def _throughput(dataset: RefDataset, workers: int, args: argparse.Namespace,
-                pin_memory: bool = False) -> dict[str, Any]:
-    """Samples/s of one epoch-0 pass, timed from the end of the warm-up for up to args.seconds."""
+def timed_pass(dataset: Any, cfg: TrainConfig, args: argparse.Namespace,
+               on_batch: Callable[[Any], None] | None = None) -> tuple[dict[str, Any], Any]:
+    """One epoch-0 pass through the loader training builds (`cris_model.train._loader` with
+    `cfg`), timed from the end of the warm-up (one batch per worker, 2 at least) for up to
+    args.seconds, each timed batch handed to `on_batch` first. -> (figures, the last warm-up
+    batch)."""
     sampler = ShardedBatchSampler(len(dataset), args.batch_size, seed=args.seed)
-    warm = max(2, workers)
+    warm = max(2, cfg.num_workers)
     if len(sampler) <= warm:
         raise ValueError(f"--samples {args.samples} gives {len(sampler)} batches of "
                          f"{args.batch_size}, not more than the {warm} warm-up batches")
-    dataset.set_epoch(0)
+    dataset.set_epoch(0)  # RefDataset, FeatureDataset or a wrapper with set_epoch
     sampler.set_epoch(0)
     tick = time.perf_counter()
-    batches = iter(_loader(dataset, sampler, workers, args.seed, pin_memory))
-    first_s = 0.0
+    batches = iter(_loader(dataset, sampler, cfg))
+    first_s, batch = 0.0, None
     for _ in range(warm):
-        next(batches)
+        batch = next(batches)
         first_s = first_s or time.perf_counter() - tick
-    start, timed = time.perf_counter(), 0
-    for _ in batches:
-        timed += 1
+    start, count = time.perf_counter(), 0
+    for timed_batch in batches:
+        if on_batch is not None:
+            on_batch(timed_batch)
+        count += 1
         if time.perf_counter() - start >= args.seconds:
             break
     seconds = time.perf_counter() - start
     del batches
-    return {"workers": workers, "pin_memory": pin_memory, "first_batch_s": round(first_s, 3),
-            "batches": timed, "samples": timed * args.batch_size, "seconds": round(seconds, 3),
-            "samples_per_s": round(timed * args.batch_size / seconds, 1)}
+    samples = count * args.batch_size
+    return {"workers": cfg.num_workers, "pin_memory": torch.device(cfg.device).type == "cuda",
+            "first_batch_s": round(first_s, 3), "batches": count, "samples": samples,
+            "seconds": round(seconds, 3), "samples_per_s": round(samples / seconds, 1)}, batch
+
+
+def _throughput(dataset: RefDataset, workers: int, args: argparse.Namespace,
+                pin_memory: bool = False) -> dict[str, Any]:
+    """Samples/s of one pass through the training loader (pinned memory: a CUDA device)."""
+    cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, num_workers=workers,
+                      device="cuda" if pin_memory else "cpu")
+    return timed_pass(dataset, cfg, args)[0]
 
 
 def timed(fn: Any, n: int, repeats: int = 3) -> tuple[float, list[Any]]:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from bench_common import emit, failure, machine, save, sync
+from precision_curve import gaps
 
 from cris_model.accel import compile_regions
 from cris_model.backbone import tokenize
@@ -297,16 +298,12 @@ def loss_curves(args: argparse.Namespace, size: int, word_len: int) -> dict[str,
     out: dict[str, Any] = {"steps": args.curve_steps, "batch_size": args.curve_batch_size,
                            "window": width, "curves": curves}
     for seed in range(args.curve_seeds):
-        out[f"bf16_vs_fp32_max_rel_seed{seed}"] = _max_rel(
-            curves[f"bf16_fast_seed{seed}"], curves[f"fp32_reference_seed{seed}"])
+        out[f"bf16_vs_fp32_max_rel_seed{seed}"] = gaps(
+            curves[f"bf16_fast_seed{seed}"], curves[f"fp32_reference_seed{seed}"])["max_rel"]
     if args.curve_seeds > 1:
-        out["fp32_seed0_vs_seed1_max_rel"] = _max_rel(curves["fp32_reference_seed0"],
-                                                      curves["fp32_reference_seed1"])
+        out["fp32_seed0_vs_seed1_max_rel"] = gaps(curves["fp32_reference_seed0"],
+                                                  curves["fp32_reference_seed1"])["max_rel"]
     return out
-
-
-def _max_rel(a: list[float], b: list[float]) -> float:
-    return round(max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)), 4)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -60,19 +60,23 @@ def test_loader_throughput_reports_json_and_builds_coco_sized_data(
 
 
 def test_loader_throughput_builds_the_loader_training_builds(
-        loader_bench: ModuleType, tmp_path: Path) -> None:
+        loader_bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tiny_refer import make_prepared
 
     bench = loader_bench
     ds = RefDataset(make_prepared(tmp_path, {"train": 4, "val": 2}), "train", 64, 17)
-    sampler = ShardedBatchSampler(len(ds), 4, seed=3)
-    ours = bench._loader(ds, sampler, 2, 3, False)
-    theirs = _loader(ds, sampler, TrainConfig(num_workers=2, seed=3))
-    for name in ("num_workers", "collate_fn", "persistent_workers", "pin_memory",
-                 "prefetch_factor", "timeout", "worker_init_fn", "multiprocessing_context",
-                 "batch_sampler", "in_order"):
-        assert getattr(ours, name) == getattr(theirs, name), name
-    assert ours.generator.initial_seed() == theirs.generator.initial_seed()
+    built = []
+
+    def spy(dataset: object, sampler: ShardedBatchSampler, cfg: TrainConfig) -> object:
+        built.append(cfg)
+        return _loader(dataset, sampler, cfg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench, "_loader", spy)
+    args = SimpleNamespace(batch_size=1, seed=3, samples=len(ds), seconds=60.0)
+    figures = bench._throughput(ds, 0, args)
+    assert [(c.num_workers, c.seed, c.batch_size) for c in built] == [(0, 3, 1)]
+    assert figures["batches"] == figures["samples"] == len(ds) - 2  # after 2 warm-up batches
+    assert figures["pin_memory"] is False
 
 
 def test_loader_throughput_worker_counts_are_capped_and_checked(
