@@ -43,11 +43,10 @@ from cris_model.features import (
     model_from_params,
 )
 from cris_model.model import CRIS
-from cris_model.train import TrainConfig, _to
+from cris_model.train import _ID_KEYS, TrainConfig, _to
 
 STORAGES = {"ram": True, "mmap": False}  # --storage name -> FeatureDataset in_memory
 TARGET_SAMPLES_PER_S = 754.5  # cached training on an H100, features already on the GPU
-_NOT_FEATURES = ("mask", "index", "ref_id", "sent_id")  # batch entries besides CLIP features
 
 
 class _Float32Items(Dataset):
@@ -107,7 +106,7 @@ def _bytes_per_sample(batch: dict[str, torch.Tensor]) -> dict[str, int]:
     """Bytes one sample adds to a collated batch: float features, the rest, in all."""
     n = len(batch["mask"])
     floats = sum(v.nbytes for k, v in batch.items()
-                 if k not in _NOT_FEATURES and v.is_floating_point())
+                 if k not in _ID_KEYS and v.is_floating_point())
     total = sum(v.nbytes for v in batch.values())
     assert floats % n == 0 and total % n == 0, "a batch of equal samples"
     return {"features": floats // n, "other": (total - floats) // n, "total": total // n}
@@ -118,7 +117,7 @@ def _device_step(batch: dict[str, torch.Tensor], device: torch.device) -> None:
     features to float32 on the device (`_Net`), wait for the copy."""
     moved = _to(batch, device)
     for k, v in moved.items():
-        if k not in _NOT_FEATURES and v.is_floating_point():
+        if k not in _ID_KEYS and v.is_floating_point():
             moved[k] = v.float()
     torch.cuda.synchronize(device)
 
