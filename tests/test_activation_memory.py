@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -13,13 +10,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_support import BENCH, import_bench
+from bench_support import import_bench, run_bench
 from torch import nn
 
 from cris_model.config import get_preset
 from cris_model.model import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYERS_1_TO_3 = ("backbone.visual.layer1", "backbone.visual.layer2", "backbone.visual.layer3")
 
 
@@ -30,15 +26,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
-    out = tmp_path / "memory.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "activation_memory.py"), *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert json.loads(out.read_text()) == printed
-    return printed
+    return run_bench("activation_memory", *args, out=tmp_path / "memory.json", timeout=120)
 
 
 @pytest.fixture(scope="module")

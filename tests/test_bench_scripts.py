@@ -8,20 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_support import run_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{script}.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--preset", "cris_tiny",
-         "--device", "cpu", "--out", str(out), *args],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert json.loads(out.read_text()) == printed
-    return printed
+    return run_bench(script, "--preset", "cris_tiny", "--device", "cpu", *args,
+                     out=tmp_path / f"{script}.json")
 
 
 def test_train_throughput_reports_modes_and_the_loss_curves(tmp_path: Path) -> None:

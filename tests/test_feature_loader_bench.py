@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+from bench_support import run_bench
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parents[1]
 _DTYPE_BYTES = {"F16": 2, "F32": 4, "BOOL": 1}
 
 
@@ -28,17 +26,11 @@ def _row_bytes(cache: Path) -> dict[str, int]:
 
 
 def test_bench_reports_rates_and_half_the_bytes_for_float16(tmp_path: Path) -> None:
-    out, data = tmp_path / "result.json", tmp_path / "data"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "feature_loader_throughput.py"), "--preset",
-         "cris_tiny", "--images", "8", "--workers", "0,1", "--samples", "48", "--batch-size",
-         "8", "--seconds", "0.5", "--profile-items", "4", "--data-dir", str(data),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert json.loads(out.read_text()) == result
+    data = tmp_path / "data"
+    result = run_bench("feature_loader_throughput", "--preset", "cris_tiny", "--images", "8",
+                       "--workers", "0,1", "--samples", "48", "--batch-size", "8", "--seconds",
+                       "0.5", "--profile-items", "4", "--data-dir", str(data),
+                       out=tmp_path / "result.json")
     assert result["machine"]["cpu_count"] >= 1 and result["cache"]["dtype"] == "float16"
     runs = {(r["storage"], r["items"], r["workers"]): r for r in result["throughput"]}
     assert set(runs) == {(s, i, w) for s in ("ram", "mmap") for i in ("kept", "float32")

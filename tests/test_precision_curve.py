@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from bench_support import import_bench
+from bench_support import import_bench, run_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("bf16_seed0", "fp32_seed0", "fp32_seed1")
 
 
 def test_three_runs_on_the_same_batches_give_comparable_curves(tmp_path: Path) -> None:
-    out = tmp_path / "precision_curve.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "precision_curve.py"), "--images", "24",
-         "--steps", "12", "--log-every", "3", "--batch-size", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert json.loads(out.read_text()) == printed
+    printed = run_bench("precision_curve", "--images", "24", "--steps", "12", "--log-every",
+                        "3", "--batch-size", "4", out=tmp_path / "precision_curve.json")
     curves = printed["curves"]
     assert set(curves) == set(RUNS) and printed["window_steps"] == [3, 6, 9, 12]
     for curve in curves.values():
