@@ -8,9 +8,11 @@ restart comes back on the same addresses with the same objects.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,13 +93,27 @@ class S3Store(Service):
                       "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def _healthy(self) -> bool:
+        """The gateway answers and the master knows a volume server. After a restart the
+        S3 gateway lists buckets seconds before the volume server has re-registered its
+        volumes with the master; reading an object then fails with InternalError."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client(timeout=2.0).list_buckets()
         except (BotoCoreError, ClientError):
             return False
-        return True
+        return self._volume_servers() > 0
+
+    def _volume_servers(self) -> int:
+        """Volume servers in the master's topology (/dir/status); 0 when it cannot say."""
+        url = f"http://{self.host}:{self._ports['master.port']}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as answer:
+                topology = json.load(answer).get("Topology") or {}
+        except (OSError, ValueError):
+            return 0
+        return sum(len(rack.get("DataNodes") or []) for dc in topology.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [])
 
     def env(self) -> dict[str, str]:
         """Variables that point boto3, MLflow, DVC and `cris data fetch` at this store."""
