@@ -73,6 +73,8 @@ class CapturedCall:
     Each call copies its inputs into the captured input buffers, replays the graph, and
     returns the captured output (a tensor, or a dict of them), which the next call
     overwrites (clone what you keep). Shapes, dtypes and devices must match the example inputs.
+    Those buffers make one instance a one-caller-at-a-time object: threads each capture
+    their own (capture is thread-local, so other threads may run CUDA work meanwhile).
     """
 
     def __init__(
@@ -89,7 +91,8 @@ class CapturedCall:
                 fn(*self._inputs)
         torch.cuda.current_stream().wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.inference_mode():
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"), \
+                torch.inference_mode():
             self._output = fn(*self._inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> Any:

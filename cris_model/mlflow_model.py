@@ -5,67 +5,111 @@ artifacts={"checkpoint": <checkpoint directory>})`; MLflow runs it when the mode
 loaded, and `set_model` below names the model object. The weights travel as the
 checkpoint artifact (safetensors + JSON), read by `Predictor.from_checkpoint`.
 
-Serving format (one row per referring expression):
-    input   image  binary: PNG/JPEG file bytes (JSON clients send them base64-encoded)
-            text   string: the referring expression
+Serving format (one row per referring expression, rows numbered from 0):
+    input   image  string: base64 of an image file (PNG, JPEG, ...); Python callers may
+                   also pass the file's raw bytes
+            text   string: the referring expression, not empty or only whitespace
     output  mask   string: COCO compressed RLE counts of the HxW mask (pycocotools;
                    decode with `cris_model.data.masks.mask_from_rle(mask, height, width)`)
             height long: mask (= image) height in pixels
             width  long: mask (= image) width in pixels
             area   double: fraction of the image the mask covers, in [0, 1]
-Rows that carry the same image bytes share one image encoding.
+Rows that carry the same image share one image encoding. Every row is checked before any is
+scored: a bad one fails the whole request with an MlflowException (HTTP 400 from the
+scoring server) whose message names the row and the problem, and is logged with it. The
+image column is a string, not MLflow's binary type, because MLflow refuses bad base64 in a
+binary column for the whole column, before the model could name the row.
+
+Each call keeps its state in local variables (`Predictor.embed` returns the encoded image),
+so the scoring server's threads can run requests at the same time.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import os
-import tempfile
+import logging
+import math
+from numbers import Number
 from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema
+from PIL import Image
 
 from cris_model.data.masks import rle_from_mask
-from cris_model.predict import Predictor, load_image
+from cris_model.predict import Predictor, decode_image
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # artifacts key holding the checkpoint directory
 OUTPUT_COLUMNS = ("mask", "height", "width", "area")  # columns of the prediction frame
+_log = logging.getLogger(__name__)
 
 
 def signature() -> ModelSignature:
-    """The model signature: (image binary, text string) -> (mask RLE, height, width, area)."""
-    inputs = Schema([ColSpec("binary", "image"), ColSpec("string", "text")])
+    """The model signature: (image base64 string, text string) -> (mask RLE, height, width,
+    area)."""
+    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "text")])
     outputs = Schema([ColSpec("string", "mask"), ColSpec("long", "height"),
                       ColSpec("long", "width"), ColSpec("double", "area")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def _refuse(row: int, problem: str) -> MlflowException:
+    """The request error for one bad row, logged with its row index."""
+    message = f"row {row}: {problem}"
+    _log.warning("refused a request: %s", message)
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _text(value: Any, row: int) -> str:
+    """The phrase of a row, stripped; refused unless a string with a non-space character."""
+    problem = "text must be a non-empty string"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise _refuse(row, f"{problem}, got null")
+    if isinstance(value, Number) or isinstance(value, bool):
+        raise _refuse(row, f"{problem}, got the number {value!r}")
+    if not isinstance(value, str):
+        raise _refuse(row, f"{problem}, got {type(value).__name__}")
+    if not value:
+        raise _refuse(row, f"{problem}, got an empty string")
+    if not value.strip():
+        raise _refuse(row, f"{problem}, got only whitespace")
+    return value.strip()
+
+
 def _image_bytes(value: Any, row: int) -> bytes:
-    """Raw image file bytes from a binary cell, or from a base64 string cell."""
+    """Raw image file bytes from a base64 string cell, or from a bytes cell."""
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     if isinstance(value, str):
         try:
             return base64.b64decode(value, validate=True)
         except binascii.Error as e:
-            raise ValueError(f"row {row}: image is neither bytes nor valid base64") from e
-    raise ValueError(f"row {row}: image must be bytes or a base64 string, got {type(value)}")
+            raise _refuse(row, f"image is not valid base64 ({e})") from e
+    kind = "null" if value is None else type(value).__name__
+    raise _refuse(row, f"image must be a base64 string, got {kind}")
 
 
-def _decode(data: bytes) -> Any:
-    """Image file bytes -> RGB PIL image, decoded exactly as `cris predict` decodes a file."""
-    fd, name = tempfile.mkstemp(prefix="cris-image-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return load_image(name)
-    finally:
-        os.unlink(name)
+def _decoded(column: pd.Series) -> tuple[list[Image.Image], list[int]]:
+    """(each distinct image decoded once, the index of each row's image in that list)."""
+    first: dict[bytes, int] = {}
+    images: list[Image.Image] = []
+    owner = []
+    for row, value in enumerate(column):
+        data = _image_bytes(value, row)
+        if data not in first:
+            try:
+                images.append(decode_image(data, "image"))
+            except ValueError as e:
+                raise _refuse(row, str(e)) from e
+            first[data] = len(images) - 1
+        owner.append(first[data])
+    return images, owner
 
 
 class CrisPyfunc(PythonModel):
@@ -82,19 +126,18 @@ class CrisPyfunc(PythonModel):
         """DataFrame with `image` and `text` columns -> DataFrame of `OUTPUT_COLUMNS`."""
         missing = {"image", "text"} - set(model_input.columns)
         if missing:
-            raise ValueError(f"model input lacks column(s): {', '.join(sorted(missing))}")
-        groups: dict[bytes, list[int]] = {}
-        for i, value in enumerate(model_input["image"]):
-            groups.setdefault(_image_bytes(value, i), []).append(i)
-        texts = [str(t) for t in model_input["text"]]
+            raise MlflowException(f"model input lacks column(s): {', '.join(sorted(missing))}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        texts = [_text(t, row) for row, t in enumerate(model_input["text"])]
+        images, owner = _decoded(model_input["image"])
         rows: list[dict[str, Any]] = [{} for _ in texts]
-        for data, indices in groups.items():
-            self.predictor.set_image(_decode(data))
-            masks = self.predictor.predict([texts[i] for i in indices])
+        for k, image in enumerate(images):
+            indices = [i for i, o in enumerate(owner) if o == k]
+            embedding = self.predictor.embed(image)
+            masks = self.predictor.segment(embedding, [texts[i] for i in indices])
             for i, mask in zip(indices, masks, strict=True):
                 rows[i] = {"mask": rle_from_mask(mask), "height": int(mask.shape[0]),
                            "width": int(mask.shape[1]), "area": float(mask.mean())}
-        self.predictor.reset_image()
         return pd.DataFrame.from_records(rows, columns=list(OUTPUT_COLUMNS))
 
 

@@ -1,16 +1,23 @@
 """Predict masks for referring expressions: encode an image once, answer many phrases.
 
-Shaped like segment-anything's predictor: `set_image` letterboxes and encodes the image a
-single time, then `predict` / `predict_probs` segment any number of expressions against
-the cached features and return maps at the original image size.
+Shaped like segment-anything's predictor, but with the per-request state kept out of the
+shared object: `embed` letterboxes and encodes an image into an `ImageEmbedding` (a value the
+caller holds), and `segment` / `segment_probs` score any number of expressions against it
+and return maps at the original image size. One `Predictor` can serve many threads at once
+(the scoring server runs each request in its own thread). `set_image` / `predict` keep one
+embedding on the object for interactive use by a single caller.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -29,25 +36,38 @@ HEAD_GRAPHS = 8  # expression counts a fast Predictor keeps a captured graph for
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as an upright 8-bit RGB PIL image.
+    """Read an image file as an upright 8-bit RGB PIL image (see `decode_image`).
 
-    Applies the EXIF orientation; grayscale, palette and CMYK images are converted to RGB;
-    transparent pixels are composited onto white. Raises FileNotFoundError when the file
-    is missing and ValueError naming the file when it cannot be decoded or has more pixels
-    than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, read before decoding).
+    Raises FileNotFoundError when the file is missing and ValueError naming the file when
+    it cannot be decoded or is too large.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: image file not found")
+    with p.open("rb") as f:
+        return decode_image(f, str(p))
+
+
+def decode_image(source: bytes | BinaryIO, name: str = "image") -> Image.Image:
+    """Image file bytes (or an open binary file) -> an upright 8-bit RGB PIL image.
+
+    Applies the EXIF orientation; grayscale, palette and CMYK images are converted to RGB;
+    transparent pixels are composited onto white. ValueError starting with `name` when the
+    data cannot be decoded or has more pixels than PIL's decompression-bomb limit
+    (`Image.MAX_IMAGE_PIXELS`, read before decoding).
+    """
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
+            with Image.open(stream) as img:
                 img.load()
                 upright = ImageOps.exif_transpose(img)
+    except Image.UnidentifiedImageError as e:
+        raise ValueError(f"{name}: not a readable image (unknown or corrupt format)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{p}: not a readable image ({e})") from e
+        raise ValueError(f"{name}: not a readable image ({e})") from e
     if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
         rgba = upright.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -81,13 +101,29 @@ def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image encoded by `Predictor.embed`: what scoring phrases against it needs."""
+
+    features: dict[str, torch.Tensor]  # CRIS.encode_image maps, batch 1, on the device
+    box: Letterbox  # where the original image sits in the model's input canvas
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the original image: the size of every map scored against it."""
+        return self.box.orig_h, self.box.orig_w
+
+
 class Predictor:
     """One image, many referring expressions, against a CRIS model in eval mode.
 
-    On a GPU (`fast`, the default there) it serves a copy of the model with BatchNorm
-    folded, bf16 weights and channels-last layout, and replays CUDA graphs: one for the
-    image encoder (the letterboxed input never changes shape) and one per number of
-    expressions. On the CPU the model runs as given, in float32.
+    `embed` and `segment` share nothing between calls but the model's weights, so any
+    number of threads may call them at once. On a GPU (`fast`, the default there) it serves
+    a copy of the model with BatchNorm folded, bf16 weights and channels-last layout, and
+    replays CUDA graphs: one for the image encoder (the letterboxed input never changes
+    shape) and one per number of expressions, captured per thread, because a graph's input
+    and output buffers are reused by every replay. On the CPU the model runs as given, in
+    float32.
     """
 
     def __init__(
@@ -106,10 +142,8 @@ class Predictor:
             prepare_for_inference(model, torch.bfloat16, channels_last=True)
         self.model = model.to(self.device).eval()
         self.threshold = float(t)
-        self._features: dict[str, torch.Tensor] | None = None
-        self._box: Letterbox | None = None
-        self._encoder: CapturedCall | None = None
-        self._heads: dict[int, CapturedCall] = {}
+        self._graphs = threading.local()  # .calls: this thread's {key: CapturedCall}
+        self._current: ImageEmbedding | None = None
 
     @classmethod
     def from_checkpoint(
@@ -118,42 +152,40 @@ class Predictor:
         """Load a checkpoint directory written by `save_checkpoint` and wrap it."""
         return cls(load_checkpoint(Path(path), str(device)), threshold=threshold, device=device)
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width) of the image set last; RuntimeError before `set_image`."""
-        if self._box is None:
-            raise RuntimeError("no image set: call set_image first")
-        return self._box.orig_h, self._box.orig_w
-
-    def set_image(self, image: Image.Image | np.ndarray) -> None:
-        """Letterbox an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array) and encode it once."""
+    def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:
+        """Letterbox an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array) and encode it."""
         canvas, box = letterbox_image(_to_pil(image), self.model.config.input_size)
         x = normalize(torch.tensor(canvas).permute(2, 0, 1)[None].to(self.device))
         if self.fast:
-            if self._encoder is None:
-                self._encoder = CapturedCall(self.model.encode_image, [x])
-            self._features = self._encoder(x)
+            calls = self._calls()
+            if "encoder" not in calls:
+                calls["encoder"] = CapturedCall(self.model.encode_image, [x])
+            features = {k: v.clone() for k, v in calls["encoder"](x).items()}  # replays overwrite
         else:
             with torch.inference_mode():
-                self._features = self.model.encode_image(x)
-        self._box = box
+                features = self.model.encode_image(x)
+        return ImageEmbedding(features, box)
 
-    def reset_image(self) -> None:
-        """Forget the cached image features."""
-        self._features = None
-        self._box = None
-
-    def predict_probs(self, texts: str | Sequence[str]) -> list[np.ndarray]:
+    def segment_probs(
+        self, embedding: ImageEmbedding, texts: str | Sequence[str]
+    ) -> list[np.ndarray]:
         """Per-expression float32 HxW probability maps in [0, 1] at the original image size."""
         items = check_texts(texts)
-        if self._features is None or self._box is None:
-            raise RuntimeError("no image set: call set_image first")
         tokens = tokenize(items, self.model.config.word_len).to(self.device)
         with torch.inference_mode():
-            logits = self._logits(tokens, self._features)
+            logits = self._logits(tokens, embedding.features)
             probs = torch.sigmoid(logits.float())
-            maps = [undo_letterbox(p[0], self._box).clamp_(0.0, 1.0) for p in probs]
+            maps = [undo_letterbox(p[0], embedding.box).clamp_(0.0, 1.0) for p in probs]
         return [m.cpu().numpy() for m in maps]
+
+    def segment(self, embedding: ImageEmbedding, texts: str | Sequence[str]) -> list[np.ndarray]:
+        """Per-expression boolean HxW masks at the original image size (prob > threshold)."""
+        return [p > self.threshold for p in self.segment_probs(embedding, texts)]
+
+    def _calls(self) -> dict[object, CapturedCall]:
+        """This thread's captured calls: "encoder" and ("head", N) for N expressions."""
+        calls: dict[object, CapturedCall] = self._graphs.__dict__.setdefault("calls", {})
+        return calls
 
     def _logits(self, tokens: torch.Tensor, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """NxL tokens against the image features -> Nx1xhxw logits (graph replay when fast)."""
@@ -164,16 +196,40 @@ class Predictor:
             image = dict(zip(keys, image_maps, strict=True))
             return self.model.head({**image, **self.model.encode_text(text)})
 
-        n = tokens.shape[0]
-        if not self.fast or (n not in self._heads and len(self._heads) >= HEAD_GRAPHS):
+        if not self.fast:
             return head(tokens, *maps)
-        if n not in self._heads:
-            self._heads[n] = CapturedCall(head, [tokens, *maps])
-        return self._heads[n](tokens, *maps)
+        calls, key = self._calls(), ("head", tokens.shape[0])
+        if key not in calls:
+            if sum(k != "encoder" for k in calls) >= HEAD_GRAPHS:
+                return head(tokens, *maps)
+            calls[key] = CapturedCall(head, [tokens, *maps])
+        return calls[key](tokens, *maps)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the image set last; RuntimeError before `set_image`."""
+        return self._embedding().size
+
+    def set_image(self, image: Image.Image | np.ndarray) -> None:
+        """Embed an image and keep it on the predictor for `predict` (one caller at a time)."""
+        self._current = self.embed(image)
+
+    def reset_image(self) -> None:
+        """Forget the image kept by `set_image`."""
+        self._current = None
+
+    def predict_probs(self, texts: str | Sequence[str]) -> list[np.ndarray]:
+        """`segment_probs` against the image kept by `set_image`."""
+        return self.segment_probs(self._embedding(), texts)
 
     def predict(self, texts: str | Sequence[str]) -> list[np.ndarray]:
-        """Per-expression boolean HxW masks at the original image size (prob > threshold)."""
-        return [p > self.threshold for p in self.predict_probs(texts)]
+        """`segment` against the image kept by `set_image`."""
+        return self.segment(self._embedding(), texts)
+
+    def _embedding(self) -> ImageEmbedding:
+        if self._current is None:
+            raise RuntimeError("no image set: call set_image first")
+        return self._current
 
 
 def overlay_mask(image: Image.Image, mask: np.ndarray, caption: str = "") -> Image.Image:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +192,33 @@ def test_checkpoint_round_trip_gives_the_same_predictions(model: CRIS, checkpoin
     for a, b in zip(live.predict_probs(texts), loaded.predict_probs(texts), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert loaded.threshold == live.threshold
+
+
+def test_one_predictor_serves_many_threads_at_once(model: CRIS) -> None:
+    """Embeddings are values: threads embedding and segmenting different images through one
+    Predictor at the same time each get exactly what they get alone."""
+    predictor = Predictor(model)
+    jobs = [(_image(w, h, seed), text) for seed, (w, h, text) in enumerate(
+        [(150, 97, "the red square"), (97, 150, "the circle on the left"),
+         (120, 120, "the star"), (64, 41, "object above the blue one")])]
+    alone = [predictor.segment_probs(predictor.embed(image), text)[0] for image, text in jobs]
+    start = threading.Barrier(len(jobs) * 2)
+
+    def run(k: int) -> list[np.ndarray]:
+        image, text = jobs[k % len(jobs)]
+        start.wait()
+        embedding = predictor.embed(image)
+        return [predictor.segment_probs(embedding, text)[0] for _ in range(3)]
+
+    with ThreadPoolExecutor(len(jobs) * 2) as pool:
+        results = list(pool.map(run, range(len(jobs) * 2)))
+    for k, maps in enumerate(results):
+        for got in maps:
+            np.testing.assert_array_equal(got, alone[k % len(jobs)])
+    first = predictor.embed(jobs[0][0])
+    predictor.embed(jobs[1][0])  # a later embedding leaves an earlier one as it was
+    assert first.size == (97, 150)
+    np.testing.assert_array_equal(predictor.segment_probs(first, jobs[0][1])[0], alone[0])
 
 
 def test_predictor_misuse_raises(model: CRIS) -> None:

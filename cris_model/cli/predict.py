@@ -48,8 +48,7 @@ def _predict(args: argparse.Namespace) -> int:
         predictor = Predictor.from_checkpoint(
             args.checkpoint, device=args.device, threshold=args.threshold
         )
-    predictor.set_image(image)
-    masks = predictor.predict(texts)
+    masks = predictor.segment(predictor.embed(image), texts)
     out, overlay = Path(args.out), Path(args.overlay) if args.overlay else None
     summary = []
     for i, (text, mask) in enumerate(zip(texts, masks, strict=True)):
