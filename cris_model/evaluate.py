@@ -31,9 +31,8 @@ import torch
 from cris_model.atomic import write_text
 from cris_model.backbone import tokenize
 from cris_model.checkpoint import load_checkpoint
-from cris_model.data.dataset import open_split, read_image
+from cris_model.data.dataset import load_canvas, open_split, read_image
 from cris_model.data.masks import mask_from_rle
-from cris_model.features import load_canvas
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import Letterbox, normalize, undo_letterbox
 from cris_model.metrics import MaskMetrics

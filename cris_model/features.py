@@ -35,9 +35,9 @@ from torch.utils.data import Dataset
 from cris_model.atomic import staged_dir
 from cris_model.backbone import TOKENIZER_NAME, tokenize
 from cris_model.config import ModelConfig, get_preset
-from cris_model.data.dataset import open_split, read_image
+from cris_model.data.dataset import load_canvas, open_split
 from cris_model.data.masks import mask_from_rle
-from cris_model.imaging import Letterbox, letterbox_image, letterbox_mask, normalize
+from cris_model.imaging import Letterbox, letterbox_mask, normalize
 from cris_model.model import CRIS, build_model
 from cris_model.params import section
 
@@ -95,11 +95,6 @@ def _image_groups(rows: pd.DataFrame) -> list[tuple[int, np.ndarray]]:
     """[(image_id, manifest row indices)] in order of first appearance."""
     groups = rows.groupby("image_id", sort=False).indices
     return [(int(k), np.asarray(v)) for k, v in groups.items()]
-
-
-def load_canvas(image_dir: Path, row: Any, size: int) -> tuple[np.ndarray, Letterbox]:
-    """A manifest row's image, letterboxed: (size x size x 3 uint8, geometry)."""
-    return letterbox_image(read_image(image_dir, row), size)
 
 
 class _ShardWriter:

@@ -1,8 +1,10 @@
-"""Overlay galleries: one PNG of labelled rows of cases, predicted and true masks on the image.
+"""Drawing masks: overlay galleries, single-mask overlays, and mask PNGs written atomically.
 
-Each tile shows the image at its own aspect ratio with the predicted mask tinted red, the
-true mask green and their overlap yellow, and a caption (phrase, IoU) under it. Evaluation
-draws its best and worst cases this way; training may draw val samples with the same call.
+A gallery is one PNG of labelled rows of cases: each tile shows the image at its own aspect
+ratio with the predicted mask tinted red, the true mask green and their overlap yellow, and a
+caption (phrase, IoU) under it. Evaluation and training's validation draw their cases this
+way; `cris predict` draws one mask over its image with `overlay_mask` and writes masks with
+`mask_image` and `save_png`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cris_model.predict import save_png
+from cris_model.atomic import staged_file
 
 PRED_COLOUR = (230, 40, 40)  # RGB tint of predicted-only pixels
 GT_COLOUR = (40, 200, 60)  # RGB tint of true-only pixels
 BOTH_COLOUR = (240, 220, 40)  # RGB tint where prediction and truth agree
 ALPHA = 0.55  # opacity of the tints, in [0, 1]
+OVERLAY_COLOUR = (255, 40, 40)  # RGB of the mask tint drawn by `overlay_mask`
+OVERLAY_ALPHA = 0.5  # opacity of that tint over masked pixels, in [0, 1]
 _BACKGROUND = (255, 255, 255)
 _TILE_FILL = (64, 64, 64)
 _TEXT = (0, 0, 0)
@@ -116,3 +120,32 @@ def save_gallery(
 ) -> Path:
     """Render `rows` (see `render_gallery`) and write the PNG atomically; returns `path`."""
     return save_png(render_gallery(rows, tile_size), path)
+
+
+def overlay_mask(image: Image.Image, mask: np.ndarray, caption: str = "") -> Image.Image:
+    """RGB image with the boolean HxW mask tinted in `OVERLAY_COLOUR` and a caption on top."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} differs from image size {rgb.shape[:2]}")
+    tint = np.asarray(OVERLAY_COLOUR, dtype=np.float32)
+    rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * tint
+    out = Image.fromarray(rgb.round().astype(np.uint8))
+    if caption:
+        draw = ImageDraw.Draw(out)
+        left, top, right, bottom = draw.textbbox((2, 2), caption)
+        draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
+        draw.text((2, 2), caption, fill=(255, 255, 255))
+    return out
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """Boolean HxW mask -> 8-bit grayscale PIL image with values 0 and 255."""
+    return Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically: to a temporary file beside `path`, then rename over it."""
+    dest = Path(path)
+    with staged_file(dest) as tmp:
+        image.save(tmp, format="PNG")
+    return dest

@@ -1,21 +1,141 @@
-"""Letterbox geometry shared by training, evaluation and prediction.
+"""Images as the model sees them: one decode, one letterbox, one normalisation for every path.
 
-An image is scaled to fit `size`x`size` keeping its aspect ratio and centred on a canvas
-filled with the CLIP mean colour; `undo_letterbox` maps a map at input resolution back to
-the original image size.
+Training, the feature cache, evaluation, `Predictor` and the MLflow pyfunc all turn a file
+into the model's input through this module, so one file gives one input tensor wherever it
+runs. Decoding (`decode_image`, `load_image`, `to_rgb`) follows one policy:
+
+- 8-bit RGB is used as stored.
+- Transparency (RGBA, LA, PA, or a palette / grey / RGB image with a transparent colour) is
+  composited onto white, as a viewer shows it on a page; the hidden colour of a transparent
+  pixel (often black) never reaches the model.
+- 16-bit and 32-bit integer grey (I;16*, I) is scaled by the 16-bit range, 0..65535 -> 0..255
+  (the high byte, as PIL reads 16-bit RGB), not clipped at 255.
+- Grey, palette, CMYK and every other mode are converted to RGB by PIL.
+- EXIF orientation: an image alone (`cris predict`, serving) is turned upright, as a viewer
+  shows it. An image whose size a manifest records is read in the frame that has that size:
+  upright when only the upright frame has it; as stored otherwise, which is COCO's case (its
+  annotations were drawn on the pixels as stored). `cris data validate` lists the images
+  this concerns (`data_checks`).
+- More pixels than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are refused
+  from the header, before decoding.
+
+Letterboxing scales an image to fit `size`x`size` keeping its aspect ratio, centred on a
+canvas filled with the CLIP mean colour; `undo_letterbox` maps a map at input resolution
+back to the original image size.
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 flipped and/or rotated
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations whose upright frame is W x H
+_TRANSPARENT_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_WHITE = (255, 255, 255, 255)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image, 1 (upright) when absent or out of range."""
+    value = image.getexif().get(ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(height, width) of an image stored as `stored` once its EXIF orientation is applied."""
+    return (stored[1], stored[0]) if orientation in _SWAPS_AXES else stored
+
+
+def reads_upright(
+    stored: tuple[int, int], orientation: int, recorded: tuple[int, int] | None
+) -> bool:
+    """Whether decoding applies the EXIF orientation (see the module's policy).
+
+    `stored` is the file's (height, width) as stored, `recorded` the manifest's (None for an
+    image alone, which is always turned upright).
+    """
+    if orientation == 1:
+        return False
+    if recorded is None:
+        return True
+    return recorded == upright_size(stored, orientation) and recorded != stored
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _TRANSPARENT_MODES or "transparency" in image.info
+
+
+def mode_conversion(image: Image.Image) -> str | None:
+    """What decoding does to an opened image's mode, in words; None for plain 8-bit RGB."""
+    if _has_alpha(image):
+        return f"{image.mode} with transparency: composited onto white"
+    if image.mode.startswith("I"):
+        return f"{image.mode}: 16-bit grey scaled to 8 bits"
+    if image.mode == "RGB":
+        return None
+    return f"{image.mode}: converted to RGB"
+
+
+def to_rgb(image: Image.Image, recorded: tuple[int, int] | None = None) -> Image.Image:
+    """An opened, loaded PIL image -> 8-bit RGB by the module's policy.
+
+    `recorded` is the (height, width) a manifest records for it (None for an image alone).
+    """
+    stored = (image.height, image.width)
+    if reads_upright(stored, exif_orientation(image), recorded):
+        image = ImageOps.exif_transpose(image)
+    if _has_alpha(image):
+        white = Image.new("RGBA", image.size, _WHITE)
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    if image.mode.startswith("I"):
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(grey.astype(np.uint8))
+    return image.convert("RGB")
+
+
+def decode_image(
+    source: bytes | BinaryIO, name: str = "image", recorded: tuple[int, int] | None = None
+) -> Image.Image:
+    """Image file bytes (or an open binary file) -> 8-bit RGB PIL image (`to_rgb`).
+
+    ValueError starting with `name` when the data cannot be decoded or has more pixels than
+    PIL's decompression-bomb limit (read before decoding).
+    """
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as img:
+                img.load()
+                return to_rgb(img, recorded)
+    except Image.UnidentifiedImageError as e:
+        raise ValueError(f"{name}: not a readable image (unknown or corrupt format)") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from e
+
+
+def load_image(path: str | Path, recorded: tuple[int, int] | None = None) -> Image.Image:
+    """Read an image file as an 8-bit RGB PIL image (see `decode_image`).
+
+    Raises FileNotFoundError when the file is missing and ValueError naming the file when
+    it cannot be decoded or is too large.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: image file not found")
+    with p.open("rb") as f:
+        return decode_image(f, str(p), recorded)
 
 
 @dataclass(frozen=True)
@@ -59,6 +179,11 @@ def letterbox_mask(mask: np.ndarray, box: Letterbox) -> np.ndarray:
     out = np.zeros((box.size, box.size), dtype=np.float32)
     out[box.top : box.top + box.new_h, box.left : box.left + box.new_w] = resized / 255.0
     return out
+
+
+def canvas_batch(canvases: list[np.ndarray]) -> torch.Tensor:
+    """SxSx3 uint8 canvases -> Bx3xSxS uint8 tensor (what `normalize` takes)."""
+    return torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2)
 
 
 def normalize(canvas: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from cris_model.data.masks import rle_from_mask
-from cris_model.predict import Predictor, decode_image
+from cris_model.imaging import decode_image
+from cris_model.predict import Predictor
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # artifacts key holding the checkpoint directory
 OUTPUT_COLUMNS = ("mask", "height", "width", "area")  # columns of the prediction frame

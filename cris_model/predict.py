@@ -5,76 +5,42 @@ shared object: `embed` letterboxes and encodes an image into an `ImageEmbedding`
 caller holds), and `segment` / `segment_probs` score any number of expressions against it
 and return maps at the original image size. One `Predictor` can serve many threads at once
 (the scoring server runs each request in its own thread). `set_image` / `predict` keep one
-embedding on the object for interactive use by a single caller.
+embedding on the object for interactive use by a single caller. Images are decoded and
+letterboxed by `cris_model.imaging` (`load_image` and `decode_image` are re-exported here), the
+same way training and evaluation read them.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 
 from cris_model.accel import CapturedCall, prepare_for_inference
-from cris_model.atomic import staged_file
 from cris_model.backbone import tokenize
 from cris_model.checkpoint import load_checkpoint
-from cris_model.imaging import Letterbox, letterbox_image, normalize, undo_letterbox
+from cris_model.imaging import (
+    Letterbox,
+    canvas_batch,
+    decode_image,
+    letterbox_image,
+    load_image,
+    normalize,
+    to_rgb,
+    undo_letterbox,
+)
 from cris_model.model import CRIS
 
-OVERLAY_COLOUR = (255, 40, 40)  # RGB of the mask tint drawn by `overlay_mask`
-OVERLAY_ALPHA = 0.5  # opacity of that tint over masked pixels, in [0, 1]
+__all__ = ["HEAD_GRAPHS", "ImageEmbedding", "Predictor", "check_texts", "decode_image",
+           "load_image"]
+
 HEAD_GRAPHS = 8  # expression counts a fast Predictor keeps a captured graph for (others: eager)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as an upright 8-bit RGB PIL image (see `decode_image`).
-
-    Raises FileNotFoundError when the file is missing and ValueError naming the file when
-    it cannot be decoded or is too large.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: image file not found")
-    with p.open("rb") as f:
-        return decode_image(f, str(p))
-
-
-def decode_image(source: bytes | BinaryIO, name: str = "image") -> Image.Image:
-    """Image file bytes (or an open binary file) -> an upright 8-bit RGB PIL image.
-
-    Applies the EXIF orientation; grayscale, palette and CMYK images are converted to RGB;
-    transparent pixels are composited onto white. ValueError starting with `name` when the
-    data cannot be decoded or has more pixels than PIL's decompression-bomb limit
-    (`Image.MAX_IMAGE_PIXELS`, read before decoding).
-    """
-    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as img:
-                img.load()
-                upright = ImageOps.exif_transpose(img)
-    except Image.UnidentifiedImageError as e:
-        raise ValueError(f"{name}: not a readable image (unknown or corrupt format)") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{name}: not a readable image ({e})") from e
-    if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
-        rgba = upright.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if upright.mode == "I;16":
-        upright = Image.fromarray((np.asarray(upright) >> 8).astype(np.uint8))
-    return upright.convert("RGB")
 
 
 def check_texts(texts: str | Sequence[str]) -> list[str]:
@@ -153,9 +119,11 @@ class Predictor:
         return cls(load_checkpoint(Path(path), str(device)), threshold=threshold, device=device)
 
     def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:
-        """Letterbox an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array) and encode it."""
-        canvas, box = letterbox_image(_to_pil(image), self.model.config.input_size)
-        x = normalize(torch.tensor(canvas).permute(2, 0, 1)[None].to(self.device))
+        """Encode an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array): made RGB by
+        `imaging.to_rgb` (upright, transparency on white), letterboxed, normalised."""
+        rgb = to_rgb(_to_pil(image))
+        canvas, box = letterbox_image(rgb, self.model.config.input_size)
+        x = normalize(canvas_batch([canvas]).to(self.device))
         if self.fast:
             calls = self._calls()
             if "encoder" not in calls:
@@ -230,32 +198,3 @@ class Predictor:
         if self._current is None:
             raise RuntimeError("no image set: call set_image first")
         return self._current
-
-
-def overlay_mask(image: Image.Image, mask: np.ndarray, caption: str = "") -> Image.Image:
-    """RGB image with the boolean HxW mask tinted in `OVERLAY_COLOUR` and a caption on top."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    if mask.shape != rgb.shape[:2]:
-        raise ValueError(f"mask shape {mask.shape} differs from image size {rgb.shape[:2]}")
-    tint = np.asarray(OVERLAY_COLOUR, dtype=np.float32)
-    rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * tint
-    out = Image.fromarray(rgb.round().astype(np.uint8))
-    if caption:
-        draw = ImageDraw.Draw(out)
-        left, top, right, bottom = draw.textbbox((2, 2), caption)
-        draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
-        draw.text((2, 2), caption, fill=(255, 255, 255))
-    return out
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically: to a temporary file beside `path`, then rename over it."""
-    dest = Path(path)
-    with staged_file(dest) as tmp:
-        image.save(tmp, format="PNG")
-    return dest
-
-
-def mask_image(mask: np.ndarray) -> Image.Image:
-    """Boolean HxW mask -> 8-bit grayscale PIL image with values 0 and 255."""
-    return Image.fromarray(mask.astype(np.uint8) * 255)

@@ -9,7 +9,13 @@ where its input is null (that input's own not-null check reports it, once).
     bbox_error      why `bbox` is not [x, y, w, h] with w, h > 0 (target rows), else null
     bbox_overflow   pixels the box sticks out of the image (<= 0 when inside; target rows)
     image_in_train  (rows outside train) whether their image_id also appears in train
-    image_exists, image_decodes, image_error, image_size ("HxW" decoded), recorded_size ("HxW")
+    image_exists, image_decodes, image_error, recorded_size ("HxW")
+    image_size      "HxW" of the image as training reads it: in the frame `cris_model.imaging`
+                    picks for the recorded size (as stored, or upright by its EXIF orientation)
+    image_conversion  what decoding does to the image's mode (null for 8-bit RGB)
+    image_orientation its EXIF orientation (1 = upright)
+    image_read_upright whether training applies that orientation (the recorded size is the
+                    upright one, and not the stored one)
 """
 
 from __future__ import annotations
@@ -37,8 +43,11 @@ DERIVED_FROM: dict[str, tuple[str, ...]] = {
     "image_exists": ("file_name", IMAGE_FOLDER),
     "image_decodes": ("file_name", IMAGE_FOLDER),
     "image_error": ("file_name", IMAGE_FOLDER),
-    "image_size": ("file_name", IMAGE_FOLDER),
+    "image_size": ("file_name", IMAGE_FOLDER, "height", "width"),
     "recorded_size": ("file_name", IMAGE_FOLDER, "height", "width"),
+    "image_conversion": ("file_name", IMAGE_FOLDER),
+    "image_orientation": ("file_name", IMAGE_FOLDER),
+    "image_read_upright": ("file_name", IMAGE_FOLDER, "height", "width"),
 }  # derived column -> the manifest columns (or image folder) it is computed from
 
 
@@ -138,13 +147,33 @@ def add_derived_columns(
 def _add_image_columns(out: pd.DataFrame, image_dir: Path, workers: int) -> None:
     names = out["file_name"].where(out["file_name"].map(lambda v: isinstance(v, str)), None)
     probes = probe_images(image_dir, names.dropna(), workers)
-    for col in ("image_exists", "image_decodes", "image_error"):
+    for col in ("image_exists", "image_decodes", "image_error", "image_conversion",
+                "image_orientation"):
         out[col] = names.map(probes[col]).astype(object).where(names.notna(), None)
-    size = probes["image_height"].astype(str) + "x" + probes["image_width"].astype(str)
-    size = size.where(probes["image_decodes"].eq(True), None)
-    out["image_size"] = names.map(size).astype(object).where(names.notna(), None)
+    recorded: list[tuple[int, int] | None] = [None] * len(out)
     if {"height", "width"}.issubset(out.columns):
         sizes = [(_pixels(h), _pixels(w)) for h, w in zip(
             out["height"], out["width"], strict=True)]
-        recorded = [f"{h}x{w}" if h and w else None for h, w in sizes]
-        out["recorded_size"] = pd.Series(recorded, index=out.index, dtype=object)
+        recorded = [(h, w) if h and w else None for h, w in sizes]
+        out["recorded_size"] = pd.Series([f"{s[0]}x{s[1]}" if s else None for s in recorded],
+                                         index=out.index, dtype=object)
+    decoded = probes[probes["image_decodes"].eq(True)]
+    stored = {name: ((int(r.image_height), int(r.image_width)), int(r.image_orientation))
+              for name, r in decoded.iterrows()}
+    frames = [_frame(stored.get(n), size) for n, size in zip(names, recorded, strict=True)]
+    out["image_size"] = pd.Series([f[0] for f in frames], index=out.index, dtype=object)
+    out["image_read_upright"] = pd.Series([f[1] for f in frames], index=out.index, dtype=object)
+
+
+def _frame(stored: tuple[tuple[int, int], int] | None,
+           recorded: tuple[int, int] | None) -> tuple[str | None, bool | None]:
+    """("HxW" as training reads the image, whether upright) given its stored size and EXIF
+    orientation and the recorded size; (None, None) for an image that did not decode."""
+    from cris_model.imaging import reads_upright, upright_size  # torch: load it late
+
+    if stored is None:
+        return None, None
+    size, orientation = stored
+    upright = reads_upright(size, orientation, recorded) if recorded else False
+    h, w = upright_size(size, orientation) if upright else size
+    return f"{h}x{w}", upright

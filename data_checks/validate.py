@@ -66,4 +66,35 @@ def _figures(frame: Any, config: ValidationConfig) -> dict[str, Any]:
     if "token_count" in frame:
         over = int((frame["token_count"] > config.word_len).sum())
         out["truncated_at_word_len"] = f"{over} sentences exceed word_len {config.word_len}"
+    if "image_conversion" in frame:
+        out |= _image_notes(frame.drop_duplicates("file_name"), config.max_examples)
+    return out
+
+
+def _image_notes(files: Any, max_examples: int) -> dict[str, Any]:
+    """Images whose mode decoding converts, and images carrying an EXIF orientation: which
+    frame training reads them in, and those whose upright size is not the manifest's."""
+    out: dict[str, Any] = {}
+    converted = files[files["image_conversion"].notna()]
+    if len(converted):
+        out["images_converted"] = {
+            "files": len(converted),
+            "by_conversion": {str(k): int(v) for k, v in
+                              converted["image_conversion"].value_counts().items()},
+            "examples": converted["file_name"].head(max_examples).tolist(),
+        }
+    oriented = files[files["image_orientation"].notna() & files["image_orientation"].ne(1)]
+    if len(oriented):
+        upright = oriented["image_read_upright"].eq(True)
+        oblong = oriented["image_size"].map(lambda s: isinstance(s, str) and len(set(
+            s.split("x"))) == 2)
+        turned = oriented[~upright & oblong & oriented["image_orientation"].isin([5, 6, 7, 8])]
+        out["images_exif_oriented"] = {
+            "files": len(oriented), "read_upright": int(upright.sum()),
+            "read_as_stored": int((~upright).sum()),
+            "upright_size_differs_from_manifest": {
+                "files": len(turned), "examples": turned["file_name"].head(max_examples).tolist(),
+                "meaning": "read as stored, the frame the manifest's size (and COCO's "
+                           "annotations) index; a viewer and cris predict show them turned"},
+        }
     return out

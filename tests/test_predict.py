@@ -16,9 +16,10 @@ from cris_model.backbone import tokenize
 from cris_model.checkpoint import save_checkpoint
 from cris_model.cli import main
 from cris_model.config import get_preset
+from cris_model.gallery import overlay_mask, save_png
 from cris_model.imaging import letterbox_image, normalize, undo_letterbox
 from cris_model.model import CRIS, build_model
-from cris_model.predict import Predictor, check_texts, load_image, overlay_mask, save_png
+from cris_model.predict import Predictor, check_texts, load_image
 
 W, H = 150, 97  # a non-square test image, wider than tall
 

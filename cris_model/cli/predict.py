@@ -26,14 +26,9 @@ def _numbered(path: Path, index: int, total: int) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from cris_model.predict import (
-        Predictor,
-        check_texts,
-        load_image,
-        mask_image,
-        overlay_mask,
-        save_png,
-    )
+    from cris_model.gallery import mask_image, overlay_mask, save_png
+    from cris_model.imaging import load_image
+    from cris_model.predict import Predictor, check_texts
 
     texts = check_texts(args.text)
     image = load_image(args.image)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from cris_model.backbone import tokenize
 from cris_model.data.manifest import read_manifest
 from cris_model.data.masks import mask_from_rle
-from cris_model.imaging import Letterbox, letterbox_image, letterbox_mask
+from cris_model.imaging import Letterbox, letterbox_image, letterbox_mask, load_image
 
 _SIDE = re.compile(r"\b(left|right)", flags=re.IGNORECASE)
 
@@ -56,26 +55,24 @@ def open_split(data_dir: Path, split: str) -> tuple[pd.DataFrame, Path]:
 
 
 def read_image(image_dir: Path, row: Any) -> Image.Image:
-    """A manifest row's image as stored (RGB, no EXIF rotation: masks index raw pixels).
+    """A manifest row's image as 8-bit RGB, in the frame whose size the manifest records.
 
-    Raises FileNotFoundError when the file cannot be read, ValueError when its size differs
-    from the manifest's height x width or exceeds PIL's decompression-bomb limit.
+    Decoded by `cris_model.imaging.load_image` (its mode and EXIF policy): as stored, unless
+    only the upright frame has the recorded height x width. Raises FileNotFoundError when the
+    file is missing, ValueError when it cannot be decoded, is larger than PIL's
+    decompression-bomb limit, or its size differs from the manifest's height x width.
     """
     path = Path(image_dir) / str(row["file_name"])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                image = img.convert("RGB")
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read image ({e})") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{path}: refused ({e})") from e
     h, w = int(row["height"]), int(row["width"])
+    image = load_image(path, recorded=(h, w))
     if (image.height, image.width) != (h, w):
         raise ValueError(f"{path}: image is {image.height}x{image.width}, manifest says {h}x{w}")
     return image
+
+
+def load_canvas(image_dir: Path, row: Any, size: int) -> tuple[np.ndarray, Letterbox]:
+    """A manifest row's image, letterboxed: (size x size x 3 uint8, geometry)."""
+    return letterbox_image(read_image(image_dir, row), size)
 
 
 class RefDataset(Dataset):
@@ -133,7 +130,7 @@ class RefDataset(Dataset):
 
     def _load(self, index: int, flip: bool) -> dict[str, Any]:
         row = self.rows.iloc[index]
-        canvas, box = letterbox_image(read_image(self.image_dir, row), self.input_size)
+        canvas, box = load_canvas(self.image_dir, row, self.input_size)
         mask = letterbox_mask(self.original_mask(index), box)
         sentence = "" if self.blind else str(row["sentence"])
         if flip:
