@@ -33,6 +33,7 @@ from cris_model.backbone import tokenize
 from cris_model.checkpoint import load_checkpoint
 from cris_model.data.dataset import load_canvas, open_split, read_image
 from cris_model.data.masks import mask_from_rle
+from cris_model.eval_config import PRECISIONS
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import Letterbox, normalize, undo_letterbox
 from cris_model.metrics import MaskMetrics
@@ -41,7 +42,6 @@ from cris_model.model import CRIS
 CSV_COLUMNS = ("ref_id", "sent_id", "image_id", "sentence", "iou", "pred_area", "gt_area",
                "intersection", "union")
 GALLERY_SIZE = 4  # cases in each of the gallery's best and worst rows
-PRECISIONS = ("fp32", "bf16")  # arithmetic of evaluation: exact float32, or bf16 autocast
 
 
 def _chunks(rows: pd.DataFrame, batch_size: int) -> Iterator[list[np.ndarray]]:

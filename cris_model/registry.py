@@ -28,14 +28,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cris_model.checkpoint import META_FILES, WEIGHTS, read_checkpoint_meta
 from cris_model.data.fetch_checksums import sha256_file
 from cris_model.data.manifest import data_version
-from cris_model.params import section
+from cris_model.params import SectionConfig, section
 from cris_model.tracking import (
     MlflowTracker,
     client_errors,
@@ -51,13 +51,15 @@ HISTORY_TAG = "champion_history"  # registered-model tag: replaced champions, ne
 ROLLED_BACK_TAG = "rolled_back"  # version tag set when a rollback removes it from service
 MODEL_ARTIFACT = "model"  # name of the logged model inside its run
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\- ]+$")
-_KEYS = ("model_name", "promote_margin", "data_version", "retries", "retry_backoff_s")
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
+class RegistryConfig(SectionConfig):
     """Where and how to register; built from params.yaml by `registry_config`."""
+
+    SECTION = "registry"
+    KEYS = ("model_name", "promote_margin", "data_version", "retries", "retry_backoff_s")
 
     model_name: str = "cris"  # MLflow registered model name (registry.model_name)
     promote_margin: float = 0.0  # val mIoU lead a challenger needs (registry.promote_margin)
@@ -66,6 +68,13 @@ class RegistryConfig:
     experiment: str = "cris"  # experiment of a new registration run (train.experiment)
     retries: int = 4  # further attempts while the tracking server is unreachable
     retry_backoff_s: float = 2.0  # wait before the first retry; doubles on each one
+
+    def validate(self) -> None:
+        """Raise ValueError on a model name MLflow refuses or a negative retry setting."""
+        if not _NAME_RE.match(self.model_name):
+            raise ValueError(f"registry.model_name {self.model_name!r} is not a valid model name")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError("registry.retries and registry.retry_backoff_s must be >= 0")
 
     def resolved_uri(self) -> str:
         """The tracking (and registry) URI to use."""
@@ -77,30 +86,10 @@ def registry_config(params: Mapping[str, Any], tracking_uri: str = "") -> Regist
 
     `tracking_uri`, when given, wins over params. Unknown registry keys are a ValueError.
     """
-    reg, train = section(dict(params), "registry"), section(dict(params), "train")
-    unknown = sorted(set(reg) - set(_KEYS))
-    if unknown:
-        raise ValueError(f"unknown registry parameter(s): {', '.join(unknown)}")
-    default = RegistryConfig()
-    name = str(reg.get("model_name") or default.model_name)
-    if not _NAME_RE.match(name):
-        raise ValueError(f"registry.model_name {name!r} is not a valid model name")
-    numbers: dict[str, float] = {}
-    for key in ("promote_margin", "retries", "retry_backoff_s"):
-        value = reg.get(key, getattr(default, key))
-        try:
-            numbers[key] = float(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"registry.{key} {value!r} is not a number") from e
-    if numbers["retries"] < 0 or numbers["retry_backoff_s"] < 0:
-        raise ValueError("registry.retries and registry.retry_backoff_s must be >= 0")
-    return RegistryConfig(
-        model_name=name, promote_margin=numbers["promote_margin"],
-        retries=int(numbers["retries"]), retry_backoff_s=numbers["retry_backoff_s"],
-        data_version=str(reg.get("data_version") or ""),
-        tracking_uri=tracking_uri or str(train.get("tracking_uri") or ""),
-        experiment=str(train.get("experiment") or default.experiment),
-    )
+    reg = RegistryConfig.from_params(section(dict(params), "registry"))
+    train = section(dict(params), "train")
+    return replace(reg, tracking_uri=tracking_uri or str(train.get("tracking_uri") or ""),
+                   experiment=str(train.get("experiment") or reg.experiment))
 
 
 def git_commit(cwd: Path | None = None) -> str:

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Iterator, Sized
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,12 +44,13 @@ from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, read_image
 from cris_model.data.manifest import data_version
 from cris_model.distributed import DistContext, close_distributed, init_distributed, sync_batchnorm
+from cris_model.eval_config import EvalConfig
 from cris_model.evaluate import mlflow_metric_name, predict_split
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
 from cris_model.model import CHECKPOINT_PARTS, CRIS, build_model, cris_loss
-from cris_model.params import section
+from cris_model.params import SectionConfig, section
 from cris_model.tracking import SPOOL, MlflowTracker, NullTracker, Tracker
 
 _ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs
@@ -57,8 +58,10 @@ HISTORY = "history.csv"  # per-window training loss (step,loss) in out_dir: DVC'
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SectionConfig):
     """The `train:` section of params.yaml. Defaults follow the CRIS paper."""
+
+    SECTION = "train"
 
     epochs: int = 50  # passes over the referred objects (one random sentence each)
     batch_size: int = 64  # global batch, split evenly across processes
@@ -100,18 +103,6 @@ class TrainConfig:
     gallery_size: int = 8  # val predictions drawn into the gallery PNG artifact
     progress: bool = True  # tqdm bars on the main process (off when $CI is set)
 
-    @classmethod
-    def from_params(cls, train: dict[str, Any]) -> TrainConfig:
-        """Build from the params `train` section; unknown keys and bad values raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(train) - known)
-        if unknown:
-            raise ValueError(f"unknown train parameters: {', '.join(unknown)}")
-        defaults = cls()
-        cfg = cls(**{k: _coerce(k, v, getattr(defaults, k)) for k, v in train.items()})
-        cfg.validate()
-        return cfg
-
     def validate(self) -> None:
         """Raise ValueError naming the first value no run can use."""
         if self.schedule not in ("step", "cosine"):
@@ -131,22 +122,6 @@ class TrainConfig:
                              f"from {', '.join(CHECKPOINT_PARTS)}")
         if self.features_dir and not self.freeze_backbone:
             raise ValueError("train.features_dir needs train.freeze_backbone: true")
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """`value` checked against the type of the field's default; ValueError when it differs.
-
-    Floats also accept ints and numeric strings (YAML reads `1e-4` as a string).
-    """
-    expected = type(default)
-    if expected is float and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"train.{name} must be a number, got {value!r}") from e
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"train.{name} must be {expected.__name__}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -571,7 +546,7 @@ def _setup(
     progress.run_id = track.run_id
     if source is not None:
         train_state.set_rng_state(source)
-    threshold = float(section(params, "eval").get("threshold", model.config.threshold))
+    threshold = EvalConfig.from_params(section(params, "eval")).threshold or model.config.threshold
     loader = _loader(train_set, sampler, cfg)
     return _Run(cfg=cfg, ctx=ctx, model=model, net=net, opt=opt, scaler=scaler, amp=amp,
                 loader=loader, sampler=sampler, train_set=train_set, val_set=val_set,

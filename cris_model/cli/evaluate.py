@@ -9,13 +9,14 @@ from cris_model.cli.common import add_params, print_json
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from cris_model.eval_config import EvalConfig
     from cris_model.evaluate import evaluate_split
     from cris_model.params import load_params, section
 
-    settings = (section(load_params(args.params, args.overrides), "eval")
-                if args.params or args.overrides else {})
-    threshold = settings.get("threshold") if args.threshold is None else args.threshold
-    precision = args.precision or settings.get("precision", "fp32")
+    settings = (EvalConfig.from_params(section(load_params(args.params, args.overrides), "eval"))
+                if args.params or args.overrides else EvalConfig())
+    threshold = settings.threshold if args.threshold is None else args.threshold
+    precision = args.precision or settings.precision
     result = evaluate_split(
         Path(args.checkpoint), Path(args.data), args.split, Path(args.out),
         threshold=threshold, device=args.device, batch_size=args.batch_size,

@@ -19,6 +19,7 @@ from dagster import (
     asset,
 )
 
+from cris_model.eval_config import EvalConfig
 from cris_model.params import section
 from pipelines.defs.metadata import image_markdown, metrics_table, plot_curve
 from pipelines.defs.params import eval_splits, require
@@ -175,12 +176,12 @@ def evaluation(
     split = context.partition_key
     best = storage.path(TRAIN) / "best"
     run_id = read_checkpoint_meta(best)["extra"].get("run_id")
-    settings = section(params.load(), "eval")
+    settings = EvalConfig.from_params(section(params.load(), "eval"))
     out = storage.path(f"{EVAL}/{split}")
     result = evaluate_split(best, storage.path(PREPARED), split, out,
-                            threshold=settings.get("threshold"), device=compute.device,
+                            threshold=settings.threshold, device=compute.device,
                             run_id=run_id, tracking_uri=mlflow.tracking_uri,
-                            precision=settings.get("precision", "fp32"))
+                            precision=settings.precision)
     scores = {k: v for k, v in result.items() if isinstance(v, float) and k != "threshold"}
     metadata: dict[str, Any] = {
         "metrics": metrics_table({split: scores}), "mIoU": float(result["mIoU"]),

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cris_model.eval_config import EvalConfig
 from cris_model.params import load_params, section
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding params.yaml, dvc.yaml
@@ -28,10 +29,11 @@ def default_params() -> dict[str, Any]:
 
 def eval_splits(params: dict[str, Any] | None = None) -> list[str]:
     """`eval.splits` (the evaluation partitions), e.g. ["val", "testA", "testB"]."""
-    splits = section(default_params() if params is None else params, "eval").get("splits")
-    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
-        raise ValueError(f"{params_path()}: eval.splits must be a non-empty list of split names")
-    return splits
+    values = section(default_params() if params is None else params, "eval")
+    try:
+        return EvalConfig.from_params(values).splits
+    except ValueError as e:
+        raise ValueError(f"{params_path()}: {e}") from e
 
 
 def require(params: dict[str, Any], dotted: str) -> Any:
