@@ -1,6 +1,6 @@
 """Training epoch time with a frozen CLIP: from images vs from the feature cache (prints JSON).
 
-Both runs call the real trainer (`cris_model.train.train`) on the same synthetic data with
+Both runs call the real trainer (`cris_model.training.loop.train`) on the same synthetic data with
 `train.freeze_backbone: true`; the second also sets `train.features_dir` to a cache built
 first by `build_feature_cache` (its one-off cost is reported apart). Epoch seconds are
 training time only (per-epoch validation excluded), averaged over the epochs.
@@ -24,7 +24,7 @@ import torch
 from cris_model.data.manifest import prepare_dataset
 from cris_model.data.synth import generate
 from cris_model.features import build_feature_cache, model_from_params
-from cris_model.train import train
+from cris_model.training.loop import train
 
 
 def _params(args: argparse.Namespace, features_dir: str) -> dict[str, Any]:

@@ -8,8 +8,8 @@ the loader must then move about 5.2 MB of float16 features per sample (RN50 at 4
 bench makes the data as bench/loader_throughput.py does (synthetic COCO-sized images, the
 train manifest repeated up to --samples referred objects), builds a cache of --preset with
 random CLIP weights (no download) and times the loader as training builds it: FeatureDataset
-with the arguments `cris_model.train._train_data` gives it (plus `in_memory`, which training
-picks by size: IN_MEMORY_BYTES), ShardedBatchSampler, `cris_model.train._loader`. Each
+with the arguments `cris_model.training.loop._train_data` gives it (plus `in_memory`, which training
+picks by size: IN_MEMORY_BYTES), ShardedBatchSampler, `cris_model.training.loop._loader`. Each
 setting is timed twice: with items as the cache stores them (float16 kept, cast on the device
 by the trainer) and with every float feature converted to float32 in the item, as
 FeatureDataset did before. With --pin (CUDA), the loader pins memory as training on a GPU
@@ -43,7 +43,8 @@ from cris_model.features import (
     model_from_params,
 )
 from cris_model.model import CRIS
-from cris_model.train import _ID_KEYS, TrainConfig, _to
+from cris_model.training.config import TrainConfig
+from cris_model.training.loop import _ID_KEYS, _to
 
 STORAGES = {"ram": True, "mmap": False}  # --storage name -> FeatureDataset in_memory
 TARGET_SAMPLES_PER_S = 754.5  # cached training on an H100, features already on the GPU

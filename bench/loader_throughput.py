@@ -5,7 +5,7 @@ sizes (640x480 and the like, JPEG quality 90, grain so that files weigh about wh
 do), prepared by `prepare_dataset`. The train manifest is then repeated under fresh ref and
 sentence ids up to --samples referred objects, so a few hundred images serve a few thousand
 samples (RefCOCO too has about 2.5 referred objects per image). The loader is built as
-training builds it (`cris_model.train._loader`: RefDataset sample="ref" with flips, collate,
+training builds it (`cris_model.training.loop._loader`: RefDataset sample="ref" with flips, collate,
 ShardedBatchSampler); samples/s are counted after a warm-up of one batch per worker. A
 per-sample breakdown, timed in this process, shows where a sample's time goes.
 
@@ -40,7 +40,8 @@ from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, re
 from cris_model.data.manifest import prepare_dataset
 from cris_model.data.synth import SynthConfig, generate
 from cris_model.imaging import letterbox_image, letterbox_mask
-from cris_model.train import TrainConfig, _loader
+from cris_model.training.config import TrainConfig
+from cris_model.training.loop import _loader
 
 COCO_SIZES = ((640, 480), (640, 480), (640, 427), (480, 640), (500, 375))  # (width, height)
 _STAGES = ("read_image", "letterbox_image", "mask_decode", "letterbox_mask", "tokenize")
@@ -104,7 +105,7 @@ def make_data(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def timed_pass(dataset: Any, cfg: TrainConfig, args: argparse.Namespace,
                on_batch: Callable[[Any], None] | None = None) -> tuple[dict[str, Any], Any]:
-    """One epoch-0 pass through the loader training builds (`cris_model.train._loader` with
+    """One epoch-0 pass through the loader training builds (`cris_model.training.loop._loader` with
     `cfg`), timed from the end of the warm-up (one batch per worker, 2 at least) for up to
     args.seconds, each timed batch handed to `on_batch` first. -> (figures, the last warm-up
     batch)."""

@@ -1,6 +1,6 @@
 """Does bf16 training follow the fp32 loss curve? Three real training runs compared (prints JSON).
 
-Runs the real trainer (`cris_model.train.train`, tracking off) three times on one synthetic
+Runs the real trainer (`cris_model.training.loop.train`, tracking off) three times on one synthetic
 data set (learnable coloured shapes and phrases, `cris_model.data.synth`), with the demo's
 settings from params.yaml (Adam at 3e-3, cosine decay, Dice loss, flips) and only precision
 or seed changed:
@@ -36,7 +36,7 @@ from bench_common import emit, machine
 
 from cris_model.data.manifest import prepare_dataset
 from cris_model.data.synth import generate
-from cris_model.train import HISTORY, train
+from cris_model.training.loop import HISTORY, train
 
 RUNS: dict[str, dict[str, Any]] = {  # run name -> the train: settings that differ
     "bf16_seed0": {"precision": "bf16", "seed": 0},

@@ -1,6 +1,6 @@
 """Training throughput of CRIS on one GPU: the reference's settings against ours (prints JSON).
 
-Every mode runs the project's own training step (`cris_model.train`: the module DDP wraps,
+Every mode runs the project's own training step (`cris_model.training.loop`: the module DDP wraps,
 the optimizer groups, autocast, the loss) on the same random-tensor batches already on the
 device (no data loading), from the same random initial weights:
 
@@ -48,7 +48,9 @@ from cris_model.config import get_preset
 from cris_model.imaging import normalize
 from cris_model.layers import use_mean_pooling
 from cris_model.model import CHECKPOINT_PARTS, CRIS, build_model
-from cris_model.train import TrainConfig, _amp, _Net, _optimizer, _step, memory_format
+from cris_model.training.config import TrainConfig
+from cris_model.training.loop import _amp, _Net, _step, memory_format
+from cris_model.training.optim import build_optimizer
 
 MODES: dict[str, dict[str, Any]] = {
     "reference": {"precision": "fp16", "memory_format": "contiguous", "fused_optimizer": False,
@@ -171,7 +173,7 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
     if mode.get("freeze_backbone"):
         model.backbone.eval()
     net = _Net(model, cfg.freeze_backbone, memory_format(cfg, device))
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     _set_lrs(opt, cfg)
     amp, fp16 = _amp(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)

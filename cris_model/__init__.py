@@ -26,7 +26,7 @@ _EXPORTS = {
     "Predictor": "cris_model.predict",
     "evaluate_masks": "cris_model.metrics",
     "MaskMetrics": "cris_model.metrics",
-    "TrainConfig": "cris_model.train",
+    "TrainConfig": "cris_model.training.config",
     "evaluate_split": "cris_model.evaluate",
     "load_params": "cris_model.params",
 }

@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 _TUPLE_FIELDS = ("fpn_in", "fpn_out", "vit_layers")
+CHECKPOINT_PARTS = ("backbone", "decoder", "projector")  # parts that can recompute in backward
 
 
 @dataclass(frozen=True)

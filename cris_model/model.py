@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cris_model.backbone import ClipBackbone, create_clip
-from cris_model.config import ModelConfig, get_preset
+from cris_model.config import CHECKPOINT_PARTS, ModelConfig, get_preset
 from cris_model.layers import Projector, ResNetLevels, TextFPN, ViTLevels, VLDecoder
-
-CHECKPOINT_PARTS = ("backbone", "decoder", "projector")  # parts that can recompute in backward
 
 
 class CRIS(nn.Module):

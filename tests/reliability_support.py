@@ -69,7 +69,7 @@ def _counter(n: int) -> Callable[[], bool]:
 
 
 def _arm_step(n: int) -> None:
-    import cris_model.train as train
+    import cris_model.training.loop as train
 
     original, hit = train._step, _counter(n)
 
@@ -112,7 +112,7 @@ def _arm_swap(n: int) -> None:
 
 
 def _arm_eval(n: int) -> None:
-    import cris_model.train as train
+    import cris_model.training.loop as train
 
     original, hit = train.predict_split, _counter(n)
 
@@ -129,7 +129,7 @@ def _arm_eval(n: int) -> None:
 def _arm_pauses(folder: Path, steps: set[int]) -> None:
     """Before each listed step (1-based in this process) create `folder/paused-<step>`, then
     wait until the test creates `folder/go-<step>`."""
-    import cris_model.train as train
+    import cris_model.training.loop as train
 
     original, seen = train._step, [0]
 

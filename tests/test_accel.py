@@ -15,7 +15,6 @@ from cris_model.accel import (
     prepare_for_inference,
 )
 from cris_model.config import get_preset
-from cris_model.distributed import DistContext
 from cris_model.layers import (
     MeanPool2d,
     grouped_dynamic_conv,
@@ -24,7 +23,9 @@ from cris_model.layers import (
 )
 from cris_model.model import CHECKPOINT_PARTS, build_model
 from cris_model.predict import Predictor
-from cris_model.train import TrainConfig, _build, memory_format
+from cris_model.training.config import TrainConfig
+from cris_model.training.distributed import DistContext
+from cris_model.training.loop import _build, memory_format
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

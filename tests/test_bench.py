@@ -13,7 +13,8 @@ import torch
 from bench_support import import_bench
 
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler
-from cris_model.train import TrainConfig, _loader
+from cris_model.training.config import TrainConfig
+from cris_model.training.loop import _loader
 
 
 @pytest.fixture

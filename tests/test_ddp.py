@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 from tiny_refer import make_prepared
 
-from cris_model.distributed import DistContext, sync_batchnorm
-from cris_model.train import train
+from cris_model.training.distributed import DistContext, sync_batchnorm
+from cris_model.training.loop import train
 from infra.process import free_port
 
 

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cris_model import train as trainer
 from cris_model.cli import main
 from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, collate
@@ -29,6 +28,7 @@ from cris_model.features import (
 )
 from cris_model.imaging import normalize
 from cris_model.model import CRIS, build_model, cris_loss
+from cris_model.training import loop as trainer
 
 SHAPES = [(40, 56), (64, 48), (50, 50), (30, 70), (72, 40), (45, 60)]  # (height, width)
 

@@ -68,7 +68,7 @@ def test_exponent_floats_in_files_are_numbers(tmp_path: Path) -> None:
 def test_every_section_config_parses_the_repo_params() -> None:
     from cris_model.eval_config import EvalConfig
     from cris_model.registry import registry_config
-    from cris_model.train import TrainConfig
+    from cris_model.training.config import TrainConfig
 
     params = load_params(REPO / "params.yaml")
     assert EvalConfig.from_params(params["eval"]).splits == params["eval"]["splits"]

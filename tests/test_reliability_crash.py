@@ -21,8 +21,8 @@ from reliability_support import checkpoint_problems, cris, kill_env
 from safetensors.torch import load_file
 from tiny_refer import make_prepared
 
-from cris_model import train_state
-from cris_model.train import _history_step
+from cris_model.training import state as train_state
+from cris_model.training.loop import _history_step
 
 PARAMS: dict[str, Any] = {
     "model": {"preset": "cris_tiny", "random_init": True, "dropout": 0.2},

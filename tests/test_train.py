@@ -15,7 +15,10 @@ from tiny_refer import make_prepared
 from cris_model.cli import main
 from cris_model.config import get_preset
 from cris_model.model import build_model
-from cris_model.train import TrainConfig, _set_lr, lr_factor, train
+from cris_model.training.config import TrainConfig
+from cris_model.training.loop import train
+from cris_model.training.optim import lr_factor
+from cris_model.training.optim import set_lr as _set_lr
 
 BASE: dict[str, Any] = {
     "model": {"preset": "cris_tiny", "random_init": True},

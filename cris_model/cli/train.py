@@ -13,7 +13,7 @@ from cris_model.cli.common import add_params, print_json
 def _train(args: argparse.Namespace) -> int:
     from cris_model.params import load_params
     from cris_model.pipes_report import report_training
-    from cris_model.train import train
+    from cris_model.training.loop import train
 
     params = load_params(args.params, args.overrides)
     if args.features:

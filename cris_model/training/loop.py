@@ -1,33 +1,22 @@
 """The CRIS training loop, readable top to bottom: CPU, one GPU, or many GPUs under torchrun.
 
 `train(params, data_dir, out_dir)` builds the model from params `model:`, trains it with Adam
-on the `train:` settings (`TrainConfig`), evaluates on the val split after every epoch at the
-original image size, and writes checkpoint directories `out_dir/last` (every epoch, and every
-`checkpoint_every_steps`) and `out_dir/best` (highest val mIoU; never chosen on a test split).
-
-Choices against the reference implementation (decided, and parameters):
-- The reference builds Adam with the head's LR for every group and only applies the CLIP
-  factor from epoch 2 on, so CLIP trains at the head LR in epoch 1. Default here: CLIP runs
-  at `lr * clip_lr_scale` from the first step; `clip_full_lr_first_epoch: true` reproduces
-  the reference.
-- The reference means to freeze CLIP's token embedding but its assignment does nothing, so
-  the embedding trains. Default here: it trains (the reference's effective behaviour);
-  `freeze_token_embedding: true` freezes it for real.
-- The LR schedule is a pure function of the global step (`lr_factor`), so the step counter
-  in the checkpoint is the whole scheduler state.
+on the `train:` settings (`TrainConfig`, `training.config`), evaluates on the val split after
+every epoch at the original image size, and writes checkpoint directories `out_dir/last`
+(every epoch, and every `checkpoint_every_steps`) and `out_dir/best` (highest val mIoU; never
+chosen on a test split).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
 import time
 from collections.abc import Iterator, Sized
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,91 +26,31 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cris_model import train_state
 from cris_model.accel import compile_regions
 from cris_model.atomic import write_text
 from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, read_image
 from cris_model.data.manifest import data_version
-from cris_model.distributed import DistContext, close_distributed, init_distributed, sync_batchnorm
 from cris_model.eval_config import EvalConfig
 from cris_model.evaluate import mlflow_metric_name, predict_split
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
-from cris_model.model import CHECKPOINT_PARTS, CRIS, build_model, cris_loss
-from cris_model.params import SectionConfig, section
+from cris_model.model import CRIS, build_model, cris_loss
+from cris_model.params import section
 from cris_model.tracking import SPOOL, MlflowTracker, NullTracker, Tracker
+from cris_model.training import state as train_state
+from cris_model.training.config import TrainConfig
+from cris_model.training.distributed import (
+    DistContext,
+    close_distributed,
+    init_distributed,
+    sync_batchnorm,
+)
+from cris_model.training.optim import build_optimizer, set_lr
 
 _ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs
 HISTORY = "history.csv"  # per-window training loss (step,loss) in out_dir: DVC's loss plot
-
-
-@dataclass
-class TrainConfig(SectionConfig):
-    """The `train:` section of params.yaml. Defaults follow the CRIS paper."""
-
-    SECTION = "train"
-
-    epochs: int = 50  # passes over the referred objects (one random sentence each)
-    batch_size: int = 64  # global batch, split evenly across processes
-    lr: float = 1e-4  # head learning rate (Adam)
-    clip_lr_scale: float = 0.1  # CLIP backbone LR = lr * clip_lr_scale
-    clip_full_lr_first_epoch: bool = False  # reference quirk: CLIP at the head LR in epoch 1
-    freeze_token_embedding: bool = False  # really freeze CLIP's token embedding (reference: no-op)
-    schedule: str = "step"  # step: x lr_gamma at each milestone epoch | cosine: to 0 per step
-    lr_milestones: list[int] = field(default_factory=lambda: [35])  # epochs where step LR drops
-    lr_gamma: float = 0.1  # step schedule's LR factor at each milestone
-    weight_decay: float = 0.0  # Adam L2 weight decay
-    dice_weight: float = 0.0  # add this multiple of a soft Dice loss to the BCE (paper: 0)
-    device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
-    memory_format: str = "auto"  # auto (channels_last on GPU) | channels_last | contiguous
-    fused_optimizer: bool = True  # fused Adam kernel on GPU: one launch per step, not per op
-    activation_checkpointing: list[str] = field(default_factory=list)  # parts recomputed in
-    # backward to save memory: backbone, decoder, projector (model.CHECKPOINT_PARTS)
-    compile: bool = False  # torch.compile each block (accel.compile_regions); compiles first
-    seed: int = 0  # seeds python, numpy and torch (same on every rank)
-    deterministic: bool = False  # torch deterministic algorithms (exact resume; slower)
-    num_workers: int = 0  # DataLoader worker processes per rank
-    flip: bool = False  # horizontal flip (p=0.5) swapping left/right in the phrase
-    language_blind: bool = False  # train and evaluate on empty phrases (the no-language baseline)
-    freeze_backbone: bool = False  # train only the head; CLIP in eval mode, no gradients
-    features_dir: str = ""  # CLIP feature cache (`cris features cache`); needs freeze_backbone
-    train_split: str = "train"  # manifest split to train on
-    val_split: str = "val"  # split that picks `best` (must not be a test split)
-    log_every: int = 10  # steps between logged train metrics
-    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
-    checkpoint_every_steps: int = 0  # also write `last` every N steps mid-epoch (0 = epoch ends)
-    auto_resume: bool = False  # continue out/last if it is an unfinished run of these params+data
-    find_unused_parameters: bool = False  # DDP option; only for models with unused parameters
-    tracking: bool = True  # log to MLflow
-    tracking_uri: str = ""  # MLflow URI; "" = $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db
-    experiment: str = "cris"  # MLflow experiment name
-    tracking_retry_s: float = 30.0  # MLflow unreachable: seconds between retries (records kept)
-    run_name: str = ""  # MLflow run name ("" = preset and time)
-    gallery_size: int = 8  # val predictions drawn into the gallery PNG artifact
-    progress: bool = True  # tqdm bars on the main process (off when $CI is set)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first value no run can use."""
-        if self.schedule not in ("step", "cosine"):
-            raise ValueError(f"train.schedule must be step or cosine, got {self.schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"train.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
-        if self.memory_format not in ("auto", "channels_last", "contiguous"):
-            raise ValueError("train.memory_format must be auto|channels_last|contiguous, got "
-                             f"{self.memory_format!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
-        if self.val_split.startswith("test"):
-            raise ValueError(f"train.val_split {self.val_split!r}: never select on a test split")
-        unknown = [p for p in self.activation_checkpointing if p not in CHECKPOINT_PARTS]
-        if unknown:
-            raise ValueError(f"train.activation_checkpointing: unknown parts {unknown}; choose "
-                             f"from {', '.join(CHECKPOINT_PARTS)}")
-        if self.features_dir and not self.freeze_backbone:
-            raise ValueError("train.features_dir needs train.freeze_backbone: true")
 
 
 @dataclass
@@ -136,27 +65,6 @@ class TrainResult:
     best_metrics: dict[str, float]  # val metrics of best/
     last_metrics: dict[str, float]  # val metrics of last/
     samples_per_s: float  # training throughput over the whole run (all ranks)
-
-
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base LRs at global `step`: step decay by epoch, or cosine to zero."""
-    if cfg.schedule == "cosine":
-        total = cfg.epochs * steps_per_epoch
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-    epoch = step // steps_per_epoch
-    return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
-
-
-def _set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int) -> None:
-    factor = lr_factor(cfg, step, steps_per_epoch)
-    first_epoch = step < steps_per_epoch
-    for group in opt.param_groups:
-        base = cfg.lr
-        if group["name"] == "backbone" and not (cfg.clip_full_lr_first_epoch and first_epoch):
-            base = cfg.lr * cfg.clip_lr_scale
-        group["lr"] = base * factor
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:
@@ -246,16 +154,6 @@ def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
     if cfg.compile:
         compile_regions(model)
     return model
-
-
-def _optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = [
-        {"name": "backbone", "params": [p for p in model.backbone_parameters() if p.requires_grad]},
-        {"name": "head", "params": [p for p in model.head_parameters() if p.requires_grad]},
-    ]
-    fused = cfg.fused_optimizer and next(model.parameters()).is_cuda
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _train_mode(model: CRIS, cfg: TrainConfig) -> None:
@@ -429,7 +327,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     losses: list[torch.Tensor] = []
     tick = time.perf_counter()
     for batch in _batches(run.loader, f"epoch {epoch + 1}", not run.show):
-        _set_lr(run.opt, cfg, prog.step, run.steps_per_epoch)
+        set_lr(run.opt, cfg, prog.step, run.steps_per_epoch)
         losses.append(_step(run.net, _to(batch, run.ctx.device), run.opt, run.scaler, run.amp,
                             cfg.dice_weight))
         prog.step += 1
@@ -515,7 +413,7 @@ def _setup(
     train_set, sampler = _train_data(cfg, data_dir, model, ctx)
     val_set = RefDataset(data_dir, cfg.val_split, model.config.input_size, model.config.word_len,
                          sample="sentence", blind=cfg.language_blind)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     amp, fp16 = _amp(cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
     if resume and ctx.is_main:
