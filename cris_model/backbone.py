@@ -148,9 +148,10 @@ def _load_into(clip: nn.Module, path: Path) -> None:
 
 def _resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(S*S)xC positional grid -> (h*w)xC, bicubic; unchanged when already h x w."""
-    side = int(round(pos.shape[0] ** 0.5))
-    if side * side != pos.shape[0]:
-        raise RuntimeError(f"positional embedding of {pos.shape[0]} rows is not a square grid")
+    rows, size = int(pos.shape[0]), (int(size[0]), int(size[1]))  # ints, also when traced
+    side = int(round(rows ** 0.5))
+    if side * side != rows:
+        raise RuntimeError(f"positional embedding of {rows} rows is not a square grid")
     if (side, side) == size:
         return pos
     resize = _bicubic_matrix((side, side), size, pos.device)
