@@ -78,9 +78,14 @@ def tokenize(texts: list[str], word_len: int) -> torch.Tensor:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from safetensors or a torch file (weights only, never code)."""
+    """A CLIP state dict from safetensors, an OpenAI TorchScript archive (read as tensors,
+    see interop.clip_archive) or a torch file (weights only); never runs code."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    from cris_model.interop import clip_archive
+
+    if clip_archive.is_torchscript_archive(path):
+        return clip_archive.read_clip_archive(path)
     try:
         state: Any
         if path.suffix == ".safetensors":
