@@ -113,11 +113,14 @@ def read_reference_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict
         raise _load_error(path, e) from e
     state = saved.get("state_dict") if isinstance(saved, dict) else None
     if not isinstance(state, dict):
-        found = ", ".join(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"{path}: not a {FORMAT}: no 'state_dict' (found {found or 'nothing'})")
-    bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        keys = [str(k) for k in saved][:4] if isinstance(saved, dict) else []
+        found = ", ".join(keys) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{path}: not a {FORMAT}: no 'state_dict' (found {found or 'nothing'}"
+                         f"{', ...' if isinstance(saved, dict) and len(saved) > 4 else ''})")
+    bad = [str(k) for k, v in state.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: state_dict entry {bad[0]} is not a tensor")
+        raise ValueError(f"{path}: state_dict entry {bad[0][:80]} is not a named tensor")
     prefixed = [k.startswith("module.") for k in state]
     if any(prefixed) and not all(prefixed):
         raise ValueError(f"{path}: some state_dict keys carry DDP's 'module.' prefix, some not")
@@ -144,7 +147,7 @@ def _clip_config(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any
     if "backbone.visual.proj" in state or "backbone.visual.class_embedding" in state:
         raise ValueError(f"{path}: a ViT CLIP; the reference CRIS has ResNet backbones only")
     v = "backbone.visual."
-    grid = math.isqrt(_shape(state, v + "attnpool.positional_embedding", path)[0] - 1)
+    grid = math.isqrt(max(_shape(state, v + "attnpool.positional_embedding", path)[0] - 1, 0))
     text_width = _shape(state, "backbone.ln_final.weight", path)[0]
     return {
         "embed_dim": _shape(state, "backbone.text_projection", path)[1],
@@ -183,15 +186,13 @@ def _named_preset(clip: dict[str, Any]) -> str | None:
     return None
 
 
-def infer_config(
-    state: Mapping[str, torch.Tensor], settings: ReferenceSettings, path: Path
-) -> ModelConfig:
-    """Our ModelConfig for reference tensors already under our names (see reference_names)."""
-    clip = _clip_config(state, path)
+def _head_config(state: Mapping[str, torch.Tensor], settings: ReferenceSettings,
+                 clip: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ModelConfig fields of the neck, decoder and projector, from shapes and the YAML."""
     vis_dim = _shape(state, "decoder.norm.weight", path)[0]
     taps = (_shape(state, "projector.txt.weight", path)[0] - 1) // (vis_dim // 2)
     width = clip["vision_cfg"]["width"]
-    head = {
+    return {
         "word_len": settings.word_len, "input_size": settings.input_size,
         "fpn_in": (width * 8, width * 16, clip["embed_dim"]),
         "fpn_out": tuple(_shape(state, f"neck.{n}.0.weight", path)[0]
@@ -199,14 +200,34 @@ def infer_config(
         "vis_dim": vis_dim, "num_layers": _count(state, "decoder.layers."),
         "num_heads": settings.num_heads, "dropout": settings.dropout,
         "dim_ffn": _shape(state, "decoder.layers.0.ffn.0.weight", path)[0],
-        "kernel_size": math.isqrt(taps),
+        "kernel_size": math.isqrt(max(taps, 0)),
     }
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor], settings: ReferenceSettings, path: Path
+) -> ModelConfig:
+    """Our ModelConfig for reference tensors already under our names (see reference_names)."""
+    try:
+        clip = _clip_config(state, path)
+        head = _head_config(state, settings, clip, path)
+    except (IndexError, ZeroDivisionError) as e:  # tensors of too few dimensions, or zero
+        raise ValueError(f"{path}: tensor shapes describe no CRIS ({e})") from e
     preset = _named_preset(clip)
     try:
         if preset is not None:
             return get_preset(preset, **head)
-        return ModelConfig(clip_model="", clip_config=clip, **head)  # type: ignore[arg-type]
+        return ModelConfig(clip_model="", clip_config=clip, **head)
     except ValueError as e:
+        raise ValueError(f"{path}: the tensors describe no buildable CRIS ({e})") from e
+
+
+def _meta_model(config: ModelConfig, path: Path) -> CRIS:
+    """The architecture of `config` on the meta device (names and shapes, no memory)."""
+    try:
+        with torch.device("meta"):
+            return build_untrained(config)
+    except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"{path}: the tensors describe no buildable CRIS ({e})") from e
 
 
@@ -257,8 +278,7 @@ def import_reference(
     config = infer_config(state, settings, checkpoint)
     if config_path:
         _settings_agree(config, settings, Path(config_path))
-    with torch.device("meta"):
-        model = build_untrained(config)
+    model = _meta_model(config, checkpoint)
     check_fits(state, model, checkpoint)
     model.load_state_dict(_weights(state), strict=True, assign=True)
     source = {"format": FORMAT, "file": str(checkpoint.resolve()),
