@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="two graphs: <stem>.image_encoder.onnx (once per image) and "
                         "<stem>.phrase_head.onnx (per phrase batch)")
     p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest accepted |onnxruntime - PyTorch| logit difference")
+                   help="largest accepted |onnxruntime - PyTorch| logit difference, times "
+                        "max(1, largest |logit|) (default 1e-4)")
     p.add_argument("--check-batches", type=int, nargs="+", default=[1, 3], metavar="B",
                    help="batch sizes checked with onnxruntime (default 1 3)")
     p.set_defaults(func=_export)
