@@ -31,8 +31,9 @@ setup-dvc: $(DVC_STAMP)
 # Installed only when missing; needs root (as CI has).
 setup-browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+		DEBIAN_FRONTEND=noninteractive dpkg --configure -a && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		chromium chromium-driver; \
 	fi
 
 # Debian's PostgreSQL server (initdb, postgres, pg_isready in /usr/lib/postgresql/<ver>/bin) for
@@ -42,8 +43,8 @@ setup-postgres:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then \
 		mkdir -p /etc/postgresql-common/createcluster.d && \
 		echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/cris.conf && \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends postgresql; \
+		DEBIAN_FRONTEND=noninteractive dpkg --configure -a && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
 	fi
 
 test: setup setup-dvc setup-browser setup-postgres
