@@ -31,8 +31,9 @@ setup-dvc: $(DVC_STAMP)
 # Installed only when missing; needs root (as CI has).
 setup-browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+		DEBIAN_FRONTEND=noninteractive dpkg --configure -a && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		chromium chromium-driver; \
 	fi
 
 # Debian's PostgreSQL server (initdb, postgres, pg_isready in /usr/lib/postgresql/<ver>/bin) for
@@ -42,8 +43,8 @@ setup-postgres:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then \
 		mkdir -p /etc/postgresql-common/createcluster.d && \
 		echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/cris.conf && \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends postgresql; \
+		DEBIAN_FRONTEND=noninteractive dpkg --configure -a && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
 	fi
 
 test: setup setup-dvc setup-browser setup-postgres
@@ -54,7 +55,8 @@ lint: setup
 	$(VENV)/bin/mypy cris_model data_checks pipelines infra
 
 # The demo: the whole Dagster asset graph on synthetic data with cris_tiny on the CPU, then
-# registration and promotion. Everything it writes stays under demo/ (gitignored); the last
+# registration and promotion. Everything it writes stays under demo/ (gitignored); the full
+# Dagster logs go to demo/demo.log, the screen shows steps, epochs and the result, and the last
 # line of output is the promoted model as one JSON object. DEMO_SET="k=v ..." adds params
 # overrides for every stage, e.g. make demo DEMO_SET="train.epochs=1 train.max_steps=20".
 DEMO := $(CURDIR)/demo
@@ -76,23 +78,32 @@ DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster MLFLOW_TRACKING_URI=sqlite:///$(DEMO)/m
 	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) CI=1
 endif
 DEMO_SET ?=
+DEMO_LOG := $(DEMO)/demo.log
 RUN_CONFIG := -c $(DEMO)/run_config.yaml
-RUN_JOB := $(DEMO_ENV) $(DAGSTER) job execute $(DEFS) $(RUN_CONFIG) -j
-MATERIALIZE := $(DEMO_ENV) $(DAGSTER) asset materialize $(DEFS) $(RUN_CONFIG) --select
+SHOW := $(PY) -m pipelines.progress --log $(DEMO_LOG) --
+RUN_JOB := $(DEMO_ENV) $(SHOW) $(DAGSTER) job execute $(DEFS) $(RUN_CONFIG) -j
+MATERIALIZE := $(DEMO_ENV) $(SHOW) $(DAGSTER) asset materialize $(DEFS) $(RUN_CONFIG) --select
 SPLITS = $(shell $(PY) -c "from pipelines.defs.params import eval_splits; print(*eval_splits())")
 
 demo: setup
-	$(STACK_READY) rm -rf $(DEMO) && mkdir -p $(DEMO)/dagster && cp infra/dagster/dagster.yaml $(DEMO)/dagster/
-	$(PY) -c "import sys, yaml; yaml.safe_dump({'resources': {'params': {'config': \
+	@$(STACK_READY) rm -rf $(DEMO) && mkdir -p $(DEMO)/dagster && cp infra/dagster/dagster.yaml $(DEMO)/dagster/
+	@$(PY) -c "import sys, yaml; yaml.safe_dump({'resources': {'params': {'config': \
 		{'overrides': sys.argv[1:]}}}}, sys.stdout)" $(DEMO_SET) > $(DEMO)/run_config.yaml
-	$(RUN_JOB) train_pipeline
-	for split in $(SPLITS); do $(MATERIALIZE) evaluation --partition $$split || exit 1; done
-	$(MATERIALIZE) registered_model
-	$(RUN_JOB) promote_model
+	@echo "Demo: data, checks, training, evaluation and registration (full logs: $(DEMO_LOG))"
+	@echo "job train_pipeline"
+	@$(RUN_JOB) train_pipeline
+	@for split in $(SPLITS); do echo "asset evaluation, partition $$split"; \
+		$(MATERIALIZE) evaluation --partition $$split || exit 1; done
+	@echo "asset registered_model"
+	@$(MATERIALIZE) registered_model
+	@echo "job promote_model"
+	@$(RUN_JOB) promote_model
+	@$(PY) -m pipelines.progress --summary $(DEMO)/assets
 	@echo "Demo finished. Where to look:"
 	@echo "  make ui   Dagster http://$(UI_HOST):$(DAGSTER_PORT) (asset graph, checks, metrics, plots)"
 	@echo "            MLflow  http://$(UI_HOST):$(MLFLOW_PORT) (runs, loss curve, model cris@champion)"
 	@echo "  files     $(DEMO)/assets (data, train/best, eval/<split>/metrics.json, galleries)"
+	@echo "  logs      $(DEMO_LOG)"
 	@cat $(DEMO)/assets/promotion.json
 
 # The Dagster and MLflow UIs over the demo's instance and tracking store; Ctrl-C stops both.

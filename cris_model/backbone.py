@@ -78,9 +78,14 @@ def tokenize(texts: list[str], word_len: int) -> torch.Tensor:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict from safetensors or a torch file (weights only, never code)."""
+    """A CLIP state dict from safetensors, an OpenAI TorchScript archive (read as tensors,
+    see interop.clip_archive) or a torch file (weights only); never runs code."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    from cris_model.interop import clip_archive
+
+    if clip_archive.is_torchscript_archive(path):
+        return clip_archive.read_clip_archive(path)
     try:
         state: Any
         if path.suffix == ".safetensors":
@@ -148,9 +153,10 @@ def _load_into(clip: nn.Module, path: Path) -> None:
 
 def _resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(S*S)xC positional grid -> (h*w)xC, bicubic; unchanged when already h x w."""
-    side = int(round(pos.shape[0] ** 0.5))
-    if side * side != pos.shape[0]:
-        raise RuntimeError(f"positional embedding of {pos.shape[0]} rows is not a square grid")
+    rows, size = int(pos.shape[0]), (int(size[0]), int(size[1]))  # ints, also when traced
+    side = int(round(rows ** 0.5))
+    if side * side != rows:
+        raise RuntimeError(f"positional embedding of {rows} rows is not a square grid")
     if (side, side) == size:
         return pos
     resize = _bicubic_matrix((side, side), size, pos.device)

@@ -7,7 +7,9 @@ height x width. `evaluate_split` thresholds them, compares with the manifest's m
 
     metrics.json    mIoU, oIoU, prec@0.5..prec@0.9 (+ gIoU, cIoU, N-acc, T-acc when any truth
                     is empty) as fractions in [0, 1], and split, count, checkpoint, threshold,
-                    precision
+                    precision; "breakdown": {"kind": {...}, "size": {...}} holds mIoU, oIoU
+                    and count per phrase kind (the manifest's `kind`; {} when it has none)
+                    and per size bucket of the target (`cris_model.metrics.SIZE_BUCKETS`)
     sentences.csv   one row per sentence: ids, sentence, iou, pred/gt area, intersection, union
     gallery.png     the best and worst cases, predicted and true masks over the image
 
@@ -36,7 +38,7 @@ from cris_model.data.masks import mask_from_rle
 from cris_model.eval_config import PRECISIONS
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import Letterbox, normalize, undo_letterbox
-from cris_model.metrics import MaskMetrics
+from cris_model.metrics import MaskMetrics, breakdown, size_bucket
 from cris_model.model import CRIS
 
 CSV_COLUMNS = ("ref_id", "sent_id", "image_id", "sentence", "iou", "pred_area", "gt_area",
@@ -201,6 +203,7 @@ def evaluate_split(
         raise ValueError(f"threshold must be in (0, 1), got {t}")
     rows, image_dir = open_split(Path(data), split)
     metrics, extremes, ids = MaskMetrics(), _Extremes(gallery_size), []
+    kinds, pixels = [], []
     for row, prob in predict_split(model, rows, image_dir, device=device, batch_size=batch_size,
                                    precision=precision):
         h, w = int(row["height"]), int(row["width"])
@@ -209,11 +212,16 @@ def evaluate_split(
         iou = metrics.update(pred, gt)
         ids.append((int(row["ref_id"]), int(row["sent_id"]), int(row["image_id"]),
                     str(row["sentence"])))
+        kinds.append(row["kind"] if isinstance(row["kind"], str) else None)
+        pixels.append(h * w)
         extremes.add(iou, len(ids), (row, pred, gt, iou))
     scores = metrics.compute()
+    sizes = [size_bucket(s, n) for s, n in zip(metrics.stats, pixels, strict=True)]
     result: dict[str, Any] = {
         **scores, "split": split, "count": metrics.count,
         "checkpoint": str(Path(checkpoint).absolute()), "threshold": t, "precision": precision,
+        "breakdown": {"kind": breakdown(metrics.stats, kinds),
+                      "size": breakdown(metrics.stats, sizes)},
     }
     records = [(*i, s.iou, s.pred_area, s.gt_area, s.intersection, s.union)
                for i, s in zip(ids, metrics.stats, strict=True)]

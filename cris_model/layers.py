@@ -280,8 +280,9 @@ class VLDecoder(nn.Module):
         self, vis: torch.Tensor, words: torch.Tensor, pad_mask: torch.Tensor
     ) -> torch.Tensor:
         b, d, h, w = vis.shape
-        vis_pos, word_pos = _decoder_positions(d, h, w, words.shape[-1], words.shape[1],
-                                               vis.device, vis.dtype, words.dtype)
+        vis_pos, word_pos = _decoder_positions(  # ints: sizes are tensors when traced
+            int(d), int(h), int(w), int(words.shape[-1]), int(words.shape[1]), vis.device,
+            vis.dtype, words.dtype)
         x = vis.flatten(2).transpose(1, 2).contiguous()  # BxNxD rows (free when channels-last)
         for layer in self.layers:
             args = (x, words, vis_pos, word_pos, pad_mask)

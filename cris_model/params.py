@@ -126,6 +126,8 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where} {value!r} is not a number") from e
     base = typing.get_origin(expected) or expected
+    if base is bool and not isinstance(value, bool):
+        raise ValueError(f"{where} {value!r} must be true or false")
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ValueError(f"{where} must be {base.__name__}, got {value!r}")
     return value

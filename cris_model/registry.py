@@ -51,6 +51,7 @@ HISTORY_TAG = "champion_history"  # registered-model tag: replaced champions, ne
 ROLLED_BACK_TAG = "rolled_back"  # version tag set when a rollback removes it from service
 MODEL_ARTIFACT = "model"  # name of the logged model inside its run
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\- ]+$")
+ONNX_ARTIFACT = "onnx"  # folder of the version's run that holds model.onnx (export_onnx)
 _T = TypeVar("_T")
 
 
@@ -59,7 +60,8 @@ class RegistryConfig(SectionConfig):
     """Where and how to register; built from params.yaml by `registry_config`."""
 
     SECTION = "registry"
-    KEYS = ("model_name", "promote_margin", "data_version", "retries", "retry_backoff_s")
+    KEYS = ("model_name", "promote_margin", "data_version", "retries", "retry_backoff_s",
+            "export_onnx")
 
     model_name: str = "cris"  # MLflow registered model name (registry.model_name)
     promote_margin: float = 0.0  # val mIoU lead a challenger needs (registry.promote_margin)
@@ -68,6 +70,7 @@ class RegistryConfig(SectionConfig):
     experiment: str = "cris"  # experiment of a new registration run (train.experiment)
     retries: int = 4  # further attempts while the tracking server is unreachable
     retry_backoff_s: float = 2.0  # wait before the first retry; doubles on each one
+    export_onnx: bool = False  # also log the model as ONNX (cris export) in the version's run
 
     def validate(self) -> None:
         """Raise ValueError on a model name MLflow refuses or a negative retry setting."""
@@ -284,8 +287,9 @@ def register(
     is not in this store, a new run in `config.experiment` does. `data_dir` (the prepared
     folder) gives the dataset and data version tags; `dataset` is the fallback name. Sets
     the alias `challenger`. Returns the version summary (tracking_uri, model_name, version,
-    aliases, mIoU) plus model_uri, run_id (where the model was logged) and `reused` (an
-    identical registration existed).
+    aliases, mIoU) plus model_uri, run_id (where the model was logged), `reused` (an
+    identical registration existed) and `onnx`: with `config.export_onnx`, the runs:/ URI
+    of the model exported as ONNX (`cris export`) and logged into that run, else None.
     """
     checkpoint = Path(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
@@ -302,13 +306,33 @@ def register(
         "git_commit": git_commit(),
         **{_metric_tag(k): repr(v) for k, v in sorted(metrics.items())},
     }
-    return _retrying(lambda: _register(checkpoint, config, key, tags, run_id, train_run),
-                     uri, config)
+    def attempt(onnx: Path | None) -> dict[str, Any]:
+        return _retrying(lambda: _register(checkpoint, config, key, tags, run_id, train_run,
+                                           onnx), uri, config)
+
+    if not config.export_onnx:
+        return attempt(None)
+    from cris_model.interop.onnx_export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cris-onnx-") as tmp:
+        onnx = Path(tmp) / "model.onnx"
+        export_checkpoint(checkpoint, onnx)  # checked against PyTorch, once for all attempts
+        return attempt(onnx)
+
+
+def _log_onnx(client: Any, run_id: str, onnx: Path) -> str:
+    """Log `onnx` into the run's ONNX_ARTIFACT folder unless already there; -> its runs:/ URI."""
+    logged = {Path(f.path).name for f in client.list_artifacts(run_id, ONNX_ARTIFACT)}
+    if onnx.name not in logged:
+        client.log_artifact(run_id, str(onnx), ONNX_ARTIFACT)
+    return f"runs:/{run_id}/{ONNX_ARTIFACT}/{onnx.name}"
 
 
 def _register(checkpoint: Path, config: RegistryConfig, key: dict[str, str],
-              tags: dict[str, str], run_id: str | None, train_run: str | None) -> dict[str, Any]:
-    """One attempt of `register`: reuse the version with this key, or log and create one."""
+              tags: dict[str, str], run_id: str | None, train_run: str | None,
+              onnx: Path | None = None) -> dict[str, Any]:
+    """One attempt of `register`: reuse the version with this key, or log and create one;
+    with `onnx`, that file is logged into the version's run too."""
     uri, name = config.resolved_uri(), config.model_name
     with _mlflow_errors(uri), fluent_uris(uri):  # logging and resolving the model use both
         client = _client(uri)
@@ -328,9 +352,10 @@ def _register(checkpoint: Path, config: RegistryConfig, key: dict[str, str],
             version, logged_run = str(existing.version), str(existing.run_id)
             for k, v in tags.items():
                 client.set_model_version_tag(name, version, k, v)
+        onnx_uri = _log_onnx(client, logged_run, onnx) if onnx else None
         client.set_registered_model_alias(name, CHALLENGER, version)
         return {**_summary(client, name, version, uri), "model_uri": f"models:/{name}/{version}",
-                "run_id": logged_run, "reused": existing is not None}
+                "run_id": logged_run, "reused": existing is not None, "onnx": onnx_uri}
 
 
 def _registered(client: Any, name: str) -> tuple[dict[str, str], list[str]]:

@@ -78,7 +78,7 @@ def _prepare(root: Path, shapes: list[tuple[int, int]], seed: int = 0) -> Path:
                     "sentence": sentence, "raw": sentence, "tokens": sentence.split(),
                     "ann_ids": [] if empty else [ref_id], "category_id": -1 if empty else 1,
                     "mask_rle": rle_from_mask(masks[colour]), "bbox": [0.0, 0.0, 1.0, 1.0],
-                    "no_target": empty,
+                    "no_target": empty, "kind": "no-target" if empty else "attribute",
                 })
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "val.parquet")
     (out / "summary.json").write_text(json.dumps({"image_dir": str(images.resolve())}))
@@ -187,6 +187,10 @@ def test_evaluate_split_writes_files(data: Path, checkpoint: Path, tmp_path: Pat
             *(f"prec@0.{i}" for i in range(5, 10))}
     assert keys <= set(written)
     assert all(0.0 <= written[k] <= 1.0 for k in keys)
+    parts, no_target = written["breakdown"], 8  # green has no target: 2 sentences per image
+    assert {k: g["count"] for k, g in parts["kind"].items()} == {"attribute": 16, "no-target": 8}
+    assert parts["kind"]["no-target"]["mIoU"] == pytest.approx(written["N-acc"])
+    assert sum(g["count"] for g in parts["size"].values()) == 24 - no_target
     table = pd.read_csv(out / "sentences.csv")
     assert tuple(table.columns) == CSV_COLUMNS and len(table) == 24
     assert sorted(table["sent_id"]) == list(range(1, 25))

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cris_model.metrics import MaskMetrics, SampleStats, evaluate_masks, sample_stats
+from cris_model.metrics import (
+    MaskMetrics,
+    SampleStats,
+    breakdown,
+    evaluate_masks,
+    sample_stats,
+    size_bucket,
+)
 
 BASE_KEYS = {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9"}
 NT_KEYS = {"gIoU", "cIoU", "N-acc", "T-acc"}
@@ -51,6 +58,30 @@ def test_oiou_and_miou_differ_on_a_crafted_set() -> None:
     assert out["oIoU"] == pytest.approx(90 / 101)
     assert out["prec@0.5"] == 0.5 and out["prec@0.9"] == 0.5
     assert set(out) == BASE_KEYS
+
+
+def test_breakdown_by_kind_and_size_on_a_hand_made_set() -> None:
+    """Four 10x10 samples: targets of 1, 3, 10 and 0 pixels (1%, 3%, 10%, no target)."""
+    pairs = [(_mask(10, 10, (0, 0, 1, 1)), _mask(10, 10, (0, 0, 1, 1))),  # 1 px, IoU 1
+             (_mask(10, 10, (0, 0, 1, 1)), _mask(10, 10, (0, 0, 1, 3))),  # 3 px, IoU 1/3
+             (_mask(10, 10, (5, 0, 10, 2)), _mask(10, 10, (0, 0, 1, 10))),  # 10 px, IoU 0
+             (_mask(10, 10), _mask(10, 10))]  # no target, predicted empty: IoU 1
+    metrics = MaskMetrics()
+    for pred, gt in pairs:
+        metrics.update(pred, gt)
+    stats = metrics.stats
+    assert [size_bucket(s, 100) for s in stats] == ["small", "medium", "large", None]
+    by_kind = breakdown(stats, ["spatial", "attribute", "spatial", None])
+    assert by_kind == {"attribute": {"mIoU": pytest.approx(1 / 3), "oIoU": pytest.approx(1 / 3),
+                                     "count": 1},
+                       "spatial": {"mIoU": 0.5, "oIoU": pytest.approx(1 / 21), "count": 2}}
+    by_size = breakdown(stats, [size_bucket(s, 100) for s in stats])
+    assert list(by_size) == ["large", "medium", "small"]
+    assert by_size["large"] == {"mIoU": 0.0, "oIoU": 0.0, "count": 1}
+    assert by_size["small"] == {"mIoU": 1.0, "oIoU": 1.0, "count": 1}
+    assert breakdown(stats, [None] * 4) == {}
+    with pytest.raises(ValueError):
+        breakdown(stats, ["spatial"])
 
 
 def test_precision_threshold_is_inclusive_and_exact() -> None:

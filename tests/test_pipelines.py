@@ -132,6 +132,11 @@ def test_each_split_partition_is_evaluated_and_the_model_registered(
         assert written["split"] == split
         assert meta["mIoU"] == pytest.approx(written["mIoU"])
         assert meta["dagster/row_count"] == written["count"]
+        rows = {(r.data["by"], r.data["group"]): r.data for r in meta["breakdown"].records}
+        for by, groups in written["breakdown"].items():
+            for group, m in groups.items():
+                assert rows.pop((by, group))["count"] == m["count"]
+        assert not rows and written["breakdown"]["kind"], "synthetic phrases carry kinds"
     registered = _metadata(runs["register"], "registered_model")
     assert registered["version"] == 1 and registered["aliases"] == ["challenger"]
     assert [r.data["split"] for r in registered["metrics"].records] == list(SPLITS)

@@ -129,6 +129,25 @@ def test_rows_of_grefcoco(prepared: dict[str, Path]) -> None:
     assert summary["splits"]["val"]["no_target_sentences"] == 0
 
 
+def test_sentence_kinds_side_file_fills_the_kind_column(root: Path, tmp_path: Path) -> None:
+    prepare_dataset(root, "refcoco", "unc", tmp_path / "none")
+    assert _frame(tmp_path / "none")["kind"].isna().all()
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    (copy / "refcoco" / "sentence_kinds.json").write_text(json.dumps({"11": "spatial",
+                                                                       "20": "attribute"}))
+    out = tmp_path / "kinds"
+    summary = prepare_dataset(copy, "refcoco", "unc", out)
+    df = _frame(out).set_index("sent_id")
+    assert (df.loc[11, "kind"], df.loc[20, "kind"]) == ("spatial", "attribute")
+    assert df.drop(index=[11, 20])["kind"].isna().all()
+    assert sum(s["sentences_with_kind"] for s in summary["splits"].values()) == 2
+    (copy / "refcoco" / "sentence_kinds.json").write_text(json.dumps({"x": 3}))
+    with pytest.raises(ValueError, match=r"sentence_kinds.json: entry 'x'"):
+        prepare_dataset(copy, "refcoco", "unc", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_schema_of_written_files(prepared: dict[str, Path]) -> None:
     import pyarrow.parquet as pq
 
@@ -212,3 +231,6 @@ def test_read_manifest_errors(prepared: dict[str, Path], tmp_path: Path) -> None
         partial)
     with pytest.raises(ValueError, match=r"lacks columns \['mask_rle'\]"):
         read_manifest(partial)
+    older = tmp_path / "older.parquet"  # written before the optional `kind` column existed
+    read_manifest(prepared["refcoco"] / "val.parquet").drop(columns=["kind"]).to_parquet(older)
+    assert read_manifest(older)["kind"].isna().all()

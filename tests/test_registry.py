@@ -144,6 +144,9 @@ def test_registry_config_from_params() -> None:
         registry_config({"registry": {"promote_margin": "big"}})
     with pytest.raises(ValueError, match="valid model name"):
         registry_config({"registry": {"model_name": "a'b"}})
+    assert registry_config({"registry": {"export_onnx": True}}).export_onnx is True
+    with pytest.raises(ValueError, match="export_onnx 'yes' must be true or false"):
+        registry_config({"registry": {"export_onnx": "yes"}})
 
 
 def test_read_metrics_wants_val_miou(tmp_path: Path) -> None:

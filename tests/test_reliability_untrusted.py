@@ -7,10 +7,8 @@ marker never appears and that nothing is written outside the output folder.
 
 from __future__ import annotations
 
-import builtins
 import io
 import json
-import pickle
 import re
 import shutil
 import subprocess
@@ -22,6 +20,7 @@ import pytest
 import torch
 import yaml
 from fetch_servers import FileServer
+from payloads import code_pickle
 from PIL import Image
 from reliability_support import cris, kill_env
 from tiny_refer import make_prepared
@@ -35,25 +34,6 @@ from cris_model.model import CRIS, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
-
-
-class _Exploit:
-    """Unpickling this calls exec, which creates `marker`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-def _payload(marker: Path) -> bytes:
-    """A pickle that runs code; checked once here to really do so."""
-    data = pickle.dumps({"state_dict": _Exploit(marker)}, protocol=2)
-    pickle.loads(data)
-    assert marker.exists(), "the payload must work for the test to mean anything"
-    marker.unlink()
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +56,7 @@ def test_weights_replaced_by_a_pickle_are_refused_without_running_it(
 ) -> None:
     marker = tmp_path / "pwned"
     ckpt = save_checkpoint(tmp_path / "best", tiny)
-    (ckpt / "model.safetensors").write_bytes(_payload(marker))
+    (ckpt / "model.safetensors").write_bytes(code_pickle(marker))
     with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors"):
         load_checkpoint(ckpt)
     rc, out = _predict(ckpt, tmp_path)
@@ -92,7 +72,7 @@ def test_pickles_and_code_pointers_beside_the_weights_are_ignored(
     ckpt = save_checkpoint(tmp_path / "best", tiny, extra={
         "loader": "builtins.exec", "code": f"open({str(marker)!r}, 'w').close()",
         "python_model": "python_model.pkl", "_target_": "os.system"})
-    payload = _payload(marker)
+    payload = code_pickle(marker)
     for name in ("model.pt", "pytorch_model.bin", "optimizer.pt", "python_model.pkl",
                  "model.safetensors.pkl", "training_args.bin"):
         (ckpt / name).write_bytes(payload)
@@ -139,7 +119,7 @@ def test_resume_from_a_poisoned_training_state_fails_in_one_line(
     common, finished = trained
     out = shutil.copytree(finished, tmp_path / "run")
     marker = tmp_path / "pwned"
-    (out / "last" / victim).write_bytes(_payload(marker))
+    (out / "last" / victim).write_bytes(code_pickle(marker))
     resumed = cris(*common, "--out", str(out), "--resume", env=kill_env(tmp_path, None))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 1 and err.count("\n") == 1, err

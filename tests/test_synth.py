@@ -21,9 +21,17 @@ from cris_model.baselines import (
     language_blind_report,
 )
 from cris_model.cli import main
-from cris_model.data.manifest import read_manifest
+from cris_model.data.manifest import prepare_dataset, read_manifest
 from cris_model.data.masks import rle_from_mask
-from cris_model.data.synth import CATEGORY_IDS, COLOUR_RGB, SPLITS, _trace_polygons, generate
+from cris_model.data.refer import SENTENCE_KINDS
+from cris_model.data.synth import (
+    CATEGORY_IDS,
+    COLOUR_RGB,
+    KIND_OF_FAMILY,
+    SPLITS,
+    _trace_polygons,
+    generate,
+)
 from cris_model.data.synth_grammar import (
     ROUND_SHAPES,
     Desc,
@@ -130,9 +138,27 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     generate(tmp_path / "b", images=6, seed=3)
     generate(tmp_path / "c", images=6, seed=4)
     first = _tree_digest(tmp_path / "a")
-    assert len(first) == 6 + 5  # images, 2 instances, refs, grefs, scenes
+    assert len(first) == 6 + 7  # images, 2 instances, refs, grefs, 2 sentence kinds, scenes
     assert first == _tree_digest(tmp_path / "b")
     assert first != _tree_digest(tmp_path / "c")
+
+
+def test_sentence_kinds_file_reaches_the_manifest(root: Path, tmp_path: Path) -> None:
+    """Each sentence's grammar family, as a phrase kind in <dataset>/sentence_kinds.json, is the
+    manifest's `kind` column after prepare; every kind occurs, each one a documented name."""
+    families = json.loads((root / "synth" / "scenes.json").read_text())["families"]
+    assert set(KIND_OF_FAMILY.values()) == set(SENTENCE_KINDS)
+    for dataset, refs in (("refcoco", _refs(root)), ("grefcoco", _grefs(root))):
+        kinds = json.loads((root / dataset / "sentence_kinds.json").read_text())
+        sent_ids = {str(s["sent_id"]) for ref in refs for s in ref["sentences"]}
+        assert set(kinds) == sent_ids
+        assert kinds == {k: KIND_OF_FAMILY[f] for k, f in families[dataset].items()}
+        prepare_dataset(root, dataset, "unc", tmp_path / dataset)
+        rows = pd.concat([read_manifest(p) for p in (tmp_path / dataset).glob("*.parquet")])
+        assert rows["kind"].tolist() == [kinds[str(i)] for i in rows["sent_id"]]
+        expected = set(SENTENCE_KINDS) - ({"multi-target", "no-target"}
+                                          if dataset == "refcoco" else set())
+        assert set(rows["kind"]) == expected
 
 
 def test_splits_are_disjoint_by_image_and_about_70_10_10_10(root: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,11 @@ def test_cli_trains_writes_checkpoints_and_logs_to_mlflow(
     rc = main(["train", "--params", str(params_file), "--data", str(prepared), "--out", str(out),
                "--set", "train.epochs=1"])
     assert rc == 0
-    result = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
     assert result["steps"] == 3 and result["epochs"] == 1  # 12 referred objects / batch 4
+    assert re.search(r"^cris: epoch 1/1: val mIoU \d\.\d{3} oIoU \d\.\d{3} \(best\); ",
+                     printed.err, re.M)
     for name in ("last", "best"):
         files = {p.name for p in (out / name).iterdir()}
         assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json",

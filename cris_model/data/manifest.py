@@ -11,6 +11,9 @@ evaluation) reads these manifests, never the original files. Rules applied here:
   polygon parts with fewer than 3 points are skipped with a warning and counted in
   summary.json (an annotation with no usable part is rejected);
 - images are not opened (`cris data validate` decodes them) but must exist;
+- each sentence's phrase kind (attribute, spatial, ...) comes from the optional side file
+  `<root>/<dataset>/sentence_kinds.json` (the synthetic generator writes one); without it, or
+  for a sentence it does not list, `kind` is null;
 - split files are written into a temporary folder beside `out`, renamed into place at the end.
 """
 
@@ -31,10 +34,12 @@ import pyarrow.parquet as pq
 from cris_model.atomic import staged_dir
 from cris_model.data.masks import segmentation_rle, union_rle
 from cris_model.data.refer import (
+    KINDS_FILE,
     OFFICIAL_REF_COUNTS,
     Instances,
     Ref,
     read_instances,
+    read_kinds,
     read_refs,
     refs_file,
 )
@@ -61,7 +66,9 @@ MANIFEST_SCHEMA = pa.schema([
     ("mask_rle", pa.string()),           # COCO compressed RLE counts, size [height, width]
     ("bbox", pa.list_(pa.float64())),    # [x, y, w, h] union box, [0, 0, 0, 0] for no-target
     ("no_target", pa.bool_()),
+    ("kind", pa.string()),               # phrase kind from sentence_kinds.json, else null
 ])
+OPTIONAL_COLUMNS = ("kind",)  # columns a manifest may lack (written before they existed)
 
 _log = logging.getLogger(__name__)
 
@@ -147,7 +154,7 @@ def _union_box(boxes: list[tuple[float, float, float, float]]) -> list[float]:
 
 
 def _rows(refs: list[Ref], inst: Instances, dataset: str, refs_path: Path,
-          inst_path: Path) -> tuple[dict[str, list[dict]], int]:
+          inst_path: Path, kinds: Mapping[int, str]) -> tuple[dict[str, list[dict]], int]:
     """Manifest rows grouped by split (file order kept), and the polygon parts skipped."""
     by_split: dict[str, list[dict]] = {}
     skipped = 0
@@ -163,7 +170,7 @@ def _rows(refs: list[Ref], inst: Instances, dataset: str, refs_path: Path,
                 "sentence": s.sent, "raw": s.raw, "tokens": list(s.tokens),
                 "ann_ids": list(ref.ann_ids), "category_id": target["category_id"],
                 "mask_rle": target["mask_rle"], "bbox": target["bbox"],
-                "no_target": ref.no_target,
+                "no_target": ref.no_target, "kind": kinds.get(s.sent_id),
             })
     return by_split, skipped
 
@@ -212,7 +219,10 @@ def prepare_dataset(root: Path, dataset: str, split_by: str, out: Path,
     images = Path(image_dir).absolute() if image_dir else default_image_dir(root)
     _check_out(out)
     refs = read_refs(refs_path, dataset, split_by)
-    by_split, skipped = _rows(refs, read_instances(inst_path), dataset, refs_path, inst_path)
+    kinds_path = root / dataset / KINDS_FILE
+    kinds = read_kinds(kinds_path) if kinds_path.is_file() else {}
+    by_split, skipped = _rows(refs, read_instances(inst_path), dataset, refs_path, inst_path,
+                              kinds)
     _check_images(by_split, images)
     splits = {
         split: {
@@ -220,6 +230,7 @@ def prepare_dataset(root: Path, dataset: str, split_by: str, out: Path,
             "sentences": len(rows),
             "images": len({r["image_id"] for r in rows}),
             "no_target_sentences": sum(r["no_target"] for r in rows),
+            "sentences_with_kind": sum(r["kind"] is not None for r in rows),
         }
         for split, rows in by_split.items()
     }
@@ -241,7 +252,8 @@ def prepare_dataset(root: Path, dataset: str, split_by: str, out: Path,
 def read_manifest(path: Path) -> pd.DataFrame:
     """One `<split>.parquet` -> DataFrame with every MANIFEST_SCHEMA column.
 
-    List columns (tokens, ann_ids, bbox) come back as numpy arrays. Raises
+    List columns (tokens, ann_ids, bbox) come back as numpy arrays; an optional column the
+    file lacks (OPTIONAL_COLUMNS) comes back as nulls. Raises
     FileNotFoundError/ValueError naming the file when it is missing, unreadable or lacks
     a column.
     """
@@ -252,10 +264,15 @@ def read_manifest(path: Path) -> pd.DataFrame:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
-    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    missing = [name for name in MANIFEST_SCHEMA.names
+               if name not in table.column_names and name not in OPTIONAL_COLUMNS]
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {missing}")
-    return table.to_pandas()
+    rows = table.to_pandas()
+    for name in OPTIONAL_COLUMNS:
+        if name not in rows.columns:
+            rows[name] = None
+    return rows
 
 
 def data_version(data_dir: Path) -> str:

@@ -1,4 +1,5 @@
-"""Readers of the original `refer` files: refs(<splitBy>).p, grefs(unc).json, instances.json.
+"""Readers of the original `refer` files: refs(<splitBy>).p, grefs(unc).json, instances.json,
+and the optional side file `sentence_kinds.json` (each sentence's phrase kind).
 
 The `.p` files are pickles downloaded from the internet. They are read with an unpickler that
 resolves no global at all, so only plain containers and scalars can come out; anything that
@@ -32,6 +33,11 @@ OFFICIAL_REF_COUNTS: dict[tuple[str, str], dict[str, int]] = {
     ("refcocog", "umd"): {"train": 42226, "val": 2573, "test": 5023},
     ("refcocog", "google"): {"train": 44822, "val": 5000},
 }
+
+KINDS_FILE = "sentence_kinds.json"  # optional, beside the refs file: {"<sent_id>": "<kind>"}
+# The phrase kinds the synthetic generator records (any other non-empty name is kept as is).
+SENTENCE_KINDS = ("attribute", "spatial", "relation", "ordinal", "superlative",
+                  "multi-target", "no-target")
 
 _PLAIN = (dict, list, tuple, str, int, float, bool, type(None))
 
@@ -350,3 +356,22 @@ def read_instances(path: Path) -> Instances:
             raise ValueError(f"{path}: duplicate category id {cat_id}")
         categories[cat_id] = _field(rec, "name", "str", f"{where} id {cat_id}")
     return Instances(_index(images, "image_id", path), _index(anns, "ann_id", path), categories)
+
+
+def read_kinds(path: Path) -> dict[int, str]:
+    """A `sentence_kinds.json` side file -> {sent_id: kind}; ValueError naming the file when it
+    is not a JSON object of integer-string keys and non-empty string values."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level is a {type(data).__name__}, expected an object "
+                         "of sent_id -> kind")
+    kinds: dict[int, str] = {}
+    for key, kind in data.items():
+        if not key.lstrip("-").isdigit() or not isinstance(kind, str) or not kind:
+            raise ValueError(f"{path}: entry {key!r}: {kind!r} is not sent_id -> kind name")
+        kinds[int(key)] = kind
+    return kinds

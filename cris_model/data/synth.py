@@ -8,6 +8,8 @@ writes them exactly as the public files are laid out, so the real readers consum
     out/refcoco/instances.json, out/refcoco/refs(unc).p          (single-target phrases)
     out/grefcoco/instances.json, out/grefcoco/grefs(unc).json    (+ multi- and no-target)
     out/synth/scenes.json   per-object attributes and each sentence's grammar family
+    out/<dataset>/sentence_kinds.json  each sentence's phrase kind (`KIND_OF_FAMILY`),
+                                       carried into the manifest by `cris data prepare`
 
 Annotations are the visible part of each shape as COCO polygons: the shape's own polygon
 when nothing covers it, else pixel-exact outlines of what is left. Splits are by image,
@@ -31,6 +33,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cris_model.atomic import staged_dir
+from cris_model.data.refer import KINDS_FILE
 from cris_model.data.synth_grammar import (
     COLOURS,
     ROUND_SHAPES,
@@ -49,6 +52,9 @@ IMAGE_SIZES = ((128, 96), (128, 96), (128, 96), (96, 128), (112, 112))  # (width
 SPLITS = ("train", "val", "testA", "testB")
 IMAGE_DIR = Path("images/mscoco/images/train2014")
 MARKER = Path("synth/scenes.json")  # marks a folder as written by this generator
+KIND_OF_FAMILY = {"attribute": "attribute", "position": "spatial", "size": "superlative",
+                  "ordinal": "ordinal", "relation": "relation", "multi": "multi-target",
+                  "none": "no-target"}  # grammar family -> phrase kind (refer.SENTENCE_KINDS)
 # shape -> (corners, corner radius / radius, angle of the first corner); stars alternate
 # their corners with inner ones at 45% of the radius.
 _CORNERS = {"square": (4, 1.245, np.pi / 4), "triangle": (3, 1.2, -np.pi / 2),
@@ -423,6 +429,9 @@ def _write_tree(tmp: Path, drawn: list[_Image], splits: list[str], seed: int) ->
     (tmp / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     grefs = _ref_records(drawn, splits, True, families["grefcoco"])
     (tmp / "grefcoco" / "grefs(unc).json").write_text(json.dumps(grefs), encoding="utf-8")
+    for name, by_sent in families.items():
+        kinds = {sent: KIND_OF_FAMILY[family] for sent, family in by_sent.items()}
+        (tmp / name / KINDS_FILE).write_text(json.dumps(kinds), encoding="utf-8")
     (tmp / MARKER).parent.mkdir()
     (tmp / MARKER).write_text(json.dumps(_scenes_record(drawn, splits, seed, families)),
                               encoding="utf-8")

@@ -374,6 +374,9 @@ def _end_epoch(run: _Run, epoch: int) -> None:
         if is_best:  # best before last: a kill between them resumes before this epoch's end
             _save(run, "best", metrics)
         _save(run, "last", metrics)
+        tqdm.write(f"cris: epoch {epoch + 1}/{run.cfg.epochs}: val mIoU {metrics['mIoU']:.3f} "
+                   f"oIoU {metrics['oIoU']:.3f}{' (best)' if is_best else ''}; "
+                   f"{prog.train_seconds:.0f} s training", file=sys.stderr)
     if run.ctx.world_size > 1:
         torch.distributed.barrier()
 

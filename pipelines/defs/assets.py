@@ -21,7 +21,7 @@ from dagster import (
 
 from cris_model.eval_config import EvalConfig
 from cris_model.params import section
-from pipelines.defs.metadata import image_markdown, metrics_table, plot_curve
+from pipelines.defs.metadata import breakdown_table, image_markdown, metrics_table, plot_curve
 from pipelines.defs.params import eval_splits, require
 from pipelines.defs.resources import (
     ComputeResource,
@@ -186,7 +186,7 @@ def evaluation(
     metadata: dict[str, Any] = {
         "metrics": metrics_table({split: scores}), "mIoU": float(result["mIoU"]),
         "oIoU": float(result["oIoU"]), "dagster/row_count": int(result["count"]),
-        "path": MetadataValue.path(str(out)),
+        "breakdown": breakdown_table(result["breakdown"]), "path": MetadataValue.path(str(out)),
     }
     if (out / "gallery.png").is_file():
         metadata["gallery"] = image_markdown(out / "gallery.png", f"{split}: best and worst")

@@ -30,6 +30,17 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> MetadataValue:
     return MetadataValue.table(records, schema)
 
 
+def breakdown_table(parts: Mapping[str, Mapping[str, Mapping[str, float]]]) -> MetadataValue:
+    """metrics.json's "breakdown" as one table: a row per (by, group) with mIoU, oIoU, count."""
+    schema = TableSchema(columns=[TableColumn("by", "string"), TableColumn("group", "string"),
+                                  TableColumn("mIoU", "float"), TableColumn("oIoU", "float"),
+                                  TableColumn("count", "int")])
+    records = [TableRecord({"by": by, "group": group, "mIoU": float(m["mIoU"]),
+                            "oIoU": float(m["oIoU"]), "count": int(m["count"])})
+               for by, groups in parts.items() for group, m in groups.items()]
+    return MetadataValue.table(records, schema)
+
+
 def image_markdown(path: Path, title: str) -> MetadataValue:
     """Markdown embedding a PNG thumbnail (<= THUMBNAIL_PX) of the image at `path`."""
     from PIL import Image
