@@ -23,7 +23,8 @@ import torch
 
 from cris_model.data.manifest import prepare_dataset
 from cris_model.data.synth import generate
-from cris_model.features import build_feature_cache, model_from_params
+from cris_model.features import build_feature_cache
+from cris_model.model import create_model
 from cris_model.training.loop import train
 
 
@@ -62,7 +63,7 @@ def main() -> None:
         generate(root / "synth", images=args.images, seed=0)
         summary = prepare_dataset(root / "synth", "refcoco", "unc", root / "prepared")
         data = root / "prepared"
-        model = model_from_params(_params(args, ""))
+        model = create_model(_params(args, ""), seed=0)  # train.seed, as training seeds
         tick = time.perf_counter()
         cache = build_feature_cache(model, data, "train", root / "features", device=args.device)
         cache_seconds = time.perf_counter() - tick

@@ -40,9 +40,8 @@ from cris_model.features import (
     IN_MEMORY_BYTES,
     FeatureDataset,
     build_feature_cache,
-    model_from_params,
 )
-from cris_model.model import CRIS
+from cris_model.model import CRIS, create_model
 from cris_model.training.config import TrainConfig
 from cris_model.training.loop import _ID_KEYS, _to
 
@@ -82,7 +81,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 def _build_cache(root: Path, args: argparse.Namespace) -> tuple[CRIS, dict[str, Any]]:
     """The random-init model and its cache of the prepared train split (reused when it fits)."""
-    model = model_from_params(_params(args))
+    model = create_model(_params(args), seed=args.seed)
     tick = time.perf_counter()
     meta = build_feature_cache(model, root / "prepared", "train", root / "features",
                                dtype=args.dtype, device=args.device,

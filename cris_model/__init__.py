@@ -18,6 +18,7 @@ _EXPORTS = {
     "tokenize": "cris_model.backbone",
     "CRIS": "cris_model.model",
     "build_model": "cris_model.model",
+    "create_model": "cris_model.model",
     "cris_loss": "cris_model.model",
     "summarize": "cris_model.model",
     "save_checkpoint": "cris_model.checkpoint",

@@ -34,12 +34,12 @@ from torch.utils.data import Dataset
 
 from cris_model.atomic import staged_dir
 from cris_model.backbone import TOKENIZER_NAME, tokenize
-from cris_model.config import ModelConfig, get_preset
 from cris_model.data.dataset import load_canvas, open_split
 from cris_model.data.masks import mask_from_rle
 from cris_model.imaging import Letterbox, letterbox_mask, normalize
-from cris_model.model import CRIS, build_model
+from cris_model.model import CRIS, create_model
 from cris_model.params import section
+from cris_model.training.config import TrainConfig
 
 CACHE_FORMAT = 1  # bump when the layout or the meaning of stored tensors changes
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -225,21 +225,12 @@ def build_feature_cache(
     return {**meta, "path": str(dest), "reused": False}
 
 
-def model_from_params(params: dict[str, Any]) -> CRIS:
-    """The CRIS that `cris train` builds from params (`model:` section, torch seeded with
-    `train.seed` first, so a random-init backbone gets the same weights as in training)."""
-    model_params = dict(section(params, "model"))
-    config: ModelConfig = get_preset(model_params.pop("preset", "cris_tiny"), **model_params)
-    torch.manual_seed(int(section(params, "train").get("seed", 0)))
-    return build_model(config)
-
-
 def cache_features(
     params: dict[str, Any], data: Path, split: str, out: Path, *, dtype: str = "float32",
     device: str = "cpu", batch_size: int = 32,
 ) -> dict[str, Any]:
     """`cris features cache`: build the model from params and cache one split's features."""
-    model = model_from_params(params)
+    model = create_model(params, TrainConfig.from_params(section(params, "train")).seed)
     return build_feature_cache(model, data, split, out, dtype=dtype, device=device,
                                batch_size=batch_size)
 

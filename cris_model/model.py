@@ -7,7 +7,7 @@ trainable part and returns stride-4 logits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,6 +17,9 @@ from torch import nn
 from cris_model.backbone import ClipBackbone, create_clip
 from cris_model.config import CHECKPOINT_PARTS, ModelConfig, get_preset
 from cris_model.layers import Projector, ResNetLevels, TextFPN, ViTLevels, VLDecoder
+from cris_model.params import section
+
+DEFAULT_PRESET = "cris_tiny"  # what params without model.preset build
 
 
 class CRIS(nn.Module):
@@ -150,6 +153,21 @@ def build_model(config: ModelConfig) -> CRIS:
     clip = create_clip(config.clip_model, config.clip_config, config.pretrained,
                        config.random_init)
     return _assemble(config, clip)
+
+
+def create_model(params: Mapping[str, Any], seed: int | None = None) -> CRIS:
+    """The model factory (open_clip's `create_model`): params.yaml's `model:` section (a
+    preset name, DEFAULT_PRESET when absent, and overrides of its fields) -> CRIS.
+
+    Training, the feature cache and the CLI build through here. With `seed`, torch is seeded
+    first, so a random-init CLIP gets the weights it gets in training (which seeds with
+    `train.seed`).
+    """
+    model_params = dict(section(dict(params), "model"))
+    config = get_preset(model_params.pop("preset", DEFAULT_PRESET), **model_params)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(config)
 
 
 def _assemble(config: ModelConfig, clip: nn.Module) -> CRIS:

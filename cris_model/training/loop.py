@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from cris_model.accel import compile_regions
 from cris_model.atomic import write_text
-from cris_model.config import get_preset
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate, read_image
 from cris_model.data.manifest import data_version
 from cris_model.eval_config import EvalConfig
@@ -36,7 +35,7 @@ from cris_model.evaluate import mlflow_metric_name, predict_split
 from cris_model.gallery import GalleryCase, save_gallery
 from cris_model.imaging import normalize
 from cris_model.metrics import MaskMetrics
-from cris_model.model import CRIS, build_model, cris_loss
+from cris_model.model import CRIS, create_model, cris_loss
 from cris_model.params import section
 from cris_model.tracking import SPOOL, MlflowTracker, NullTracker, Tracker
 from cris_model.training import state as train_state
@@ -138,8 +137,7 @@ def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format
 
 def _build(params: dict[str, Any], cfg: TrainConfig, ctx: DistContext) -> CRIS:
     """The model from params `model:`, with the train-time freezes applied, on the device."""
-    model_params = dict(section(params, "model"))
-    model = build_model(get_preset(model_params.pop("preset", "cris_tiny"), **model_params))
+    model = create_model(params, cfg.seed)  # torch seeded again: the same draws
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
