@@ -50,7 +50,7 @@ from cris_model.layers import use_mean_pooling
 from cris_model.model import CHECKPOINT_PARTS, CRIS, build_model
 from cris_model.training.config import TrainConfig
 from cris_model.training.loop import _amp, _Net, _step, memory_format
-from cris_model.training.optim import build_optimizer
+from cris_model.training.optim import build_optimizer, set_lr
 
 MODES: dict[str, dict[str, Any]] = {
     "reference": {"precision": "fp16", "memory_format": "contiguous", "fused_optimizer": False,
@@ -139,11 +139,6 @@ def _cache_features(model: CRIS, batches: list[dict[str, torch.Tensor]],
     return out
 
 
-def _set_lrs(opt: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    for group in opt.param_groups:
-        group["lr"] = cfg.lr * (cfg.clip_lr_scale if group["name"] == "backbone" else 1.0)
-
-
 def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
@@ -174,7 +169,7 @@ def run_mode(name: str, args: argparse.Namespace, batches: list[dict[str, torch.
         model.backbone.eval()
     net = _Net(model, cfg.freeze_backbone, memory_format(cfg, device))
     opt = build_optimizer(model, cfg)
-    _set_lrs(opt, cfg)
+    set_lr(opt, cfg, 0, 1)  # the first step's LRs, held
     amp, fp16 = _amp(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     losses, marks = [], {}

@@ -175,3 +175,29 @@ def test_dataset_loads_the_tokenizer_before_workers_fork(prepared: Path) -> None
     _tokenizer.cache_clear()
     RefDataset(prepared, "val", 96, 17, sample="sentence")
     assert _tokenizer.cache_info().currsize == 1  # inherited by every forked worker
+
+
+def test_cache_gives_the_same_items_and_reads_each_file_once(tmp_path: Path) -> None:
+    data = make_prepared(tmp_path, {"train": 4, "val": 2})
+    plain = RefDataset(data, "train", 96, 17, flip=True, seed=2)
+    cached = RefDataset(data, "train", 96, 17, flip=True, seed=2, cache=True)
+    expected = {}
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        expected[epoch] = [plain[i] for i in range(len(plain))]
+    cached.set_epoch(0)
+    first = [cached[i] for i in range(len(cached))]
+    image_dir = cached.image_dir
+    for path in image_dir.iterdir():  # every later item must come from memory
+        path.unlink()
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        items = first if epoch == 0 else [cached[i] for i in range(len(cached))]
+        for got, want in zip(items, expected[epoch], strict=True):
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                same = torch.equal(got[key], value) if torch.is_tensor(value) else (
+                    got[key] == value)
+                assert same, (epoch, key)
+    with pytest.raises(FileNotFoundError):
+        plain[0]

@@ -18,7 +18,7 @@ from cris_model.config import get_preset
 from cris_model.model import build_model
 from cris_model.training.config import TrainConfig
 from cris_model.training.loop import train
-from cris_model.training.optim import lr_factor
+from cris_model.training.optim import lr_factor, param_groups
 from cris_model.training.optim import set_lr as _set_lr
 
 BASE: dict[str, Any] = {
@@ -58,16 +58,44 @@ def test_schedules_and_clip_learning_rate() -> None:
     assert lr_factor(cosine, 0, 10) == 1.0
     assert lr_factor(cosine, 10, 10) == pytest.approx(0.5)
     assert lr_factor(cosine, 20, 10) == pytest.approx(0.0)
-    w = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([{"name": "backbone", "params": [w]},
-                            {"name": "head", "params": [torch.nn.Parameter(torch.zeros(1))]}])
+    warm = TrainConfig(epochs=2, schedule="cosine", warmup_steps=4)
+    assert [lr_factor(warm, s, 10) for s in range(3)] == pytest.approx(
+        [0.25 * lr_factor(cosine, 0, 10), 0.5 * lr_factor(cosine, 1, 10),
+         0.75 * lr_factor(cosine, 2, 10)])
+    assert lr_factor(warm, 10, 10) == pytest.approx(0.5)  # past the warm-up: the schedule's
+    opt = torch.optim.Adam([{"name": name, "params": [torch.nn.Parameter(torch.zeros(1))]}
+                            for name in ("visual", "text", "head")])
     _set_lr(opt, step, 0, 10)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5, 1e-4])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5, 1e-5, 1e-4])
+    _set_lr(opt, TrainConfig(lr=1e-4, clip_lr_scale=0.2, text_lr_scale=0.5), 0, 10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 5e-5, 1e-4])
     quirk = TrainConfig(epochs=50, lr=1e-4, clip_full_lr_first_epoch=True)
     _set_lr(opt, quirk, 9, 10)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # reference: epoch 1 at head LR
+    assert [g["lr"] for g in opt.param_groups[:2]] == pytest.approx([1e-4, 1e-4])  # epoch 1
     _set_lr(opt, quirk, 10, 10)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert [g["lr"] for g in opt.param_groups[:2]] == pytest.approx([1e-5, 1e-5])
+
+
+@pytest.mark.parametrize("positional_lr", ["backbone", "head"])
+def test_positional_embeddings_join_the_head_group_only_when_asked(positional_lr: str) -> None:
+    model = build_model(get_preset("cris_tiny", random_init=True))
+    groups = {g["name"]: g["params"] for g in
+              param_groups(model, TrainConfig(positional_lr=positional_lr))}
+    ids = {name: {id(p) for p in params} for name, params in groups.items()}
+    named = dict(model.backbone.named_parameters())
+    positional = {"positional_embedding": "text", "visual.attnpool.positional_embedding": "visual"}
+    for name, encoder in positional.items():
+        group = "head" if positional_lr == "head" else encoder
+        assert id(named[name]) in ids[group]
+        assert sum(id(named[name]) in members for members in ids.values()) == 1
+    assert id(named["token_embedding.weight"]) in ids["text"]
+    assert id(named["visual.conv1.weight"]) in ids["visual"]
+    every = [id(p) for p in model.parameters()]
+    assert sorted(every) == sorted(i for members in ids.values() for i in members)
+    head_extra = len(groups["head"]) - len(list(model.head_parameters()))
+    assert head_extra == (2 if positional_lr == "head" else 0)
+    with pytest.raises(ValueError, match="positional_lr must be backbone or head"):
+        TrainConfig.from_params({"positional_lr": "text"})
 
 
 def test_cli_trains_writes_checkpoints_and_logs_to_mlflow(

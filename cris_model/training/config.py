@@ -5,6 +5,9 @@ Choices against the reference implementation (decided, and parameters):
   factor from epoch 2 on, so CLIP trains at the head LR in epoch 1. Default here: CLIP runs
   at `lr * clip_lr_scale` from the first step; `clip_full_lr_first_epoch: true` reproduces
   the reference.
+- The reference builds its groups by module, and CLIP's `positional_embedding` tensors (text
+  and attention pool) are not in CLIP's group: they train at the head LR. Default here: they
+  are CLIP's, at CLIP's LR; `positional_lr: head` reproduces the reference.
 - The reference means to freeze CLIP's token embedding but its assignment does nothing, so
   the embedding trains. Default here: it trains (the reference's effective behaviour);
   `freeze_token_embedding: true` freezes it for real.
@@ -30,6 +33,10 @@ class TrainConfig(SectionConfig):
     batch_size: int = 64  # global batch, split evenly across processes
     lr: float = 1e-4  # head learning rate (Adam)
     clip_lr_scale: float = 0.1  # CLIP backbone LR = lr * clip_lr_scale
+    text_lr_scale: float = 0.0  # > 0: CLIP text encoder LR = lr * this (0 = clip_lr_scale)
+    positional_lr: str = "backbone"  # backbone | head (reference quirk: CLIP's
+    # positional_embedding tensors, text and attention pool, in the head group at the head LR)
+    warmup_steps: int = 0  # linear LR warm-up from 0 over the first N optimizer steps
     clip_full_lr_first_epoch: bool = False  # reference quirk: CLIP at the head LR in epoch 1
     freeze_token_embedding: bool = False  # really freeze CLIP's token embedding (reference: no-op)
     schedule: str = "step"  # step: x lr_gamma at each milestone epoch | cosine: to 0 per step
@@ -47,6 +54,8 @@ class TrainConfig(SectionConfig):
     seed: int = 0  # seeds python, numpy and torch (same on every rank)
     deterministic: bool = False  # torch deterministic algorithms (exact resume; slower)
     num_workers: int = 0  # DataLoader worker processes per rank
+    cache_images: bool = False  # keep decoded, letterboxed images and masks in memory (small
+    # data sets: S*S*4 bytes per image and S*S per object; each worker keeps its own)
     flip: bool = False  # horizontal flip (p=0.5) swapping left/right in the phrase
     language_blind: bool = False  # train and evaluate on empty phrases (the no-language baseline)
     freeze_backbone: bool = False  # train only the head; CLIP in eval mode, no gradients
@@ -75,6 +84,12 @@ class TrainConfig(SectionConfig):
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError("train.memory_format must be auto|channels_last|contiguous, got "
                              f"{self.memory_format!r}")
+        if self.positional_lr not in ("backbone", "head"):
+            raise ValueError(f"train.positional_lr must be backbone or head, got "
+                             f"{self.positional_lr!r}")
+        if self.text_lr_scale < 0 or self.clip_lr_scale < 0 or self.warmup_steps < 0:
+            raise ValueError("train.clip_lr_scale, train.text_lr_scale and train.warmup_steps "
+                             "must not be negative")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
         if self.val_split.startswith("test"):

@@ -172,6 +172,7 @@ def _train_data(
         dataset = RefDataset(
             data_dir, cfg.train_split, model.config.input_size, model.config.word_len,
             sample="ref", flip=cfg.flip, seed=cfg.seed, blind=cfg.language_blind,
+            cache=cfg.cache_images,
         )
     sampler = ShardedBatchSampler(len(cast(Sized, dataset)), cfg.batch_size,
                                   world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
@@ -413,7 +414,7 @@ def _setup(
     model = _build(params, cfg, ctx)
     train_set, sampler = _train_data(cfg, data_dir, model, ctx)
     val_set = RefDataset(data_dir, cfg.val_split, model.config.input_size, model.config.word_len,
-                         sample="sentence", blind=cfg.language_blind)
+                         sample="sentence", blind=cfg.language_blind, cache=cfg.cache_images)
     opt = build_optimizer(model, cfg)
     amp, fp16 = _amp(cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)

@@ -8,6 +8,7 @@ the checkpoint is the whole scheduler state. A new per-part rate is a group here
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -16,35 +17,50 @@ from cris_model.training.config import TrainConfig
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base LRs at global `step`: step decay by epoch, or cosine to zero."""
+    """Multiplier of the base LRs at global `step`: the linear warm-up times step decay by
+    epoch or cosine to zero."""
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.schedule == "cosine":
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
     epoch = step // steps_per_epoch
-    return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+    return warmup * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int) -> None:
-    """Set each group's LR for global `step`: `lr`, times `clip_lr_scale` for the backbone
-    (but not in epoch 1 with `clip_full_lr_first_epoch`), times `lr_factor`."""
+    """Set each group's LR for global `step`: `lr`, times `clip_lr_scale` for CLIP's image
+    encoder and `text_lr_scale` (or `clip_lr_scale`) for its text encoder (both at `lr` in
+    epoch 1 with `clip_full_lr_first_epoch`), times `lr_factor`."""
     factor = lr_factor(cfg, step, steps_per_epoch)
-    first_epoch = step < steps_per_epoch
+    full_lr = cfg.clip_full_lr_first_epoch and step < steps_per_epoch
+    scales = {"visual": cfg.clip_lr_scale, "text": cfg.text_lr_scale or cfg.clip_lr_scale}
     for group in opt.param_groups:
-        base = cfg.lr
-        if group["name"] == "backbone" and not (cfg.clip_full_lr_first_epoch and first_epoch):
-            base = cfg.lr * cfg.clip_lr_scale
-        group["lr"] = base * factor
+        scale = 1.0 if full_lr else scales.get(group["name"], 1.0)
+        group["lr"] = cfg.lr * scale * factor
+
+
+def param_groups(model: CRIS, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Adam's groups of trainable parameters: "visual" (CLIP's image encoder), "text" (the
+    rest of CLIP) and "head" (the new layers); with `positional_lr: head` CLIP's
+    positional_embedding tensors join the head, as in the reference."""
+    named = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    moved = [p for n, p in named
+             if cfg.positional_lr == "head" and n.split(".")[-1] == "positional_embedding"]
+    kept = [(n, p) for n, p in named if all(p is not m for m in moved)]
+    groups = [
+        {"name": "visual", "params": [p for n, p in kept if n.startswith("visual.")]},
+        {"name": "text", "params": [p for n, p in kept if not n.startswith("visual.")]},
+        {"name": "head", "params": [p for p in model.head_parameters() if p.requires_grad]
+         + moved},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over the trainable parameters in groups "backbone" (CLIP) and "head" (the rest);
-    fused on a GPU with `fused_optimizer`. LRs are set per step by `set_lr`."""
-    groups = [
-        {"name": "backbone", "params": [p for p in model.backbone_parameters() if p.requires_grad]},
-        {"name": "head", "params": [p for p in model.head_parameters() if p.requires_grad]},
-    ]
+    """Adam over `param_groups`; fused on a GPU with `fused_optimizer`. LRs are set per step
+    by `set_lr`."""
     fused = cfg.fused_optimizer and next(model.parameters()).is_cuda
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr,
+    return torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr,
                             weight_decay=cfg.weight_decay, fused=fused)
