@@ -40,6 +40,8 @@ RECIPES = {"old": OLD_RECIPE, "new": []}
 class CurveTracker:
     """A Tracker that keeps (seconds since start, val mIoU) for each validation."""
 
+    run_id = None  # no tracking server: the trainer records no run id
+
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.points: list[dict[str, float]] = []
@@ -89,24 +91,29 @@ def plot(curves: dict[str, list[dict[str, float]]], png: Path, title: str) -> No
     tmp.replace(png)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train each recipe, plot, print and return the JSON result."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="prepared folder (cris data prepare)")
     ap.add_argument("--png", type=Path, default=Path("docs/recipe_curve.png"))
     ap.add_argument("--out", help="also write the JSON result here")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    args = ap.parse_args()
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="params overrides for every recipe (e.g. train.epochs=2)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
-            curves[name] = run_recipe(RECIPES[name], args.data, Path(tmp) / name)
+            curves[name] = run_recipe([*RECIPES[name], *args.set], args.data, Path(tmp) / name)
     info = machine()
     plot(curves, args.png, f"demo data, CPU {info['device']}, {args.threads} threads, "
                            f"{info['date']}")
-    emit({"bench": "recipe_curve", "machine": info, "threads": args.threads,
-          "curves": curves, "png": str(args.png)}, args.out)
+    result = {"bench": "recipe_curve", "machine": info, "threads": args.threads,
+              "overrides": args.set, "curves": curves, "png": str(args.png)}
+    emit(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

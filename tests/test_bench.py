@@ -89,3 +89,20 @@ def test_loader_throughput_worker_counts_are_capped_and_checked(
     for bad in ("", "4,x", "-1"):
         with pytest.raises(ValueError, match="--workers"):
             bench.worker_counts(bad)
+
+
+def test_recipe_curve_trains_both_recipes_and_plots_them(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tiny_refer import make_prepared
+
+    bench = import_bench("recipe_curve", monkeypatch)
+    data = make_prepared(tmp_path / "refer", {"train": 4, "val": 2})
+    png = tmp_path / "curve.png"
+    result = bench.main(["--data", str(data), "--png", str(png), "--threads", "1", "--set",
+                         "train.epochs=2", "train.batch_size=4", "train.warmup_steps=2"])
+    assert set(result["curves"]) == {"old", "new"}
+    for points in result["curves"].values():
+        assert [p["step"] for p in points] == [2, 4]  # 8 refs / batch 4, validated per epoch
+        assert points[0]["seconds"] < points[1]["seconds"]
+        assert all(0.0 <= p["mIoU"] <= 1.0 for p in points)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
