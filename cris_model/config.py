@@ -31,6 +31,8 @@ class ModelConfig:
     fpn_in: tuple[int, int, int] = (512, 1024, 1024)  # neck input channels at strides 8/16/32
     fpn_out: tuple[int, int, int] = (256, 512, 1024)  # neck internal channels per level
     vis_dim: int = 512  # decoder width (d_model); equals fpn_out[1]
+    neck_stride: int = 16  # stride the neck aggregates at: 16 (paper) | 8 (4x the decoder's
+    # tokens, logits at stride 2: finer masks for small inputs)
     num_layers: int = 3  # vision-language decoder layers
     num_heads: int = 8  # attention heads in the decoder
     dim_ffn: int = 2048  # decoder feed-forward width
@@ -40,6 +42,11 @@ class ModelConfig:
     vit_layers: tuple[int, int, int] = (4, 8, 12)  # ViT blocks (1-based) feeding strides 8/16/32
     freeze_backbone_bn: bool = False  # keep CLIP ResNet BatchNorm in eval mode during training
     threshold: float = 0.35  # sigmoid threshold that turns probabilities into a mask
+
+    @property
+    def mask_stride(self) -> int:
+        """Input pixels per logit: the projector upsamples the neck's map 4x."""
+        return self.neck_stride // 4
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples as lists)."""
@@ -73,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size}")
         if self.vis_dim != self.fpn_out[1]:
             raise ValueError(f"vis_dim {self.vis_dim} must equal fpn_out[1] {self.fpn_out[1]}")
+        if self.neck_stride not in (8, 16):
+            raise ValueError(f"neck_stride must be 8 or 16, got {self.neck_stride}")
         if self.vis_dim % 4 or self.vis_dim % self.num_heads:
             raise ValueError(
                 f"vis_dim {self.vis_dim} must be divisible by 4 and by num_heads {self.num_heads}"

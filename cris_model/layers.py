@@ -175,16 +175,20 @@ class ViTLevels(nn.Module):
 
 
 class TextFPN(nn.Module):
-    """Text-conditioned FPN: [v3, v4, v5] + sentence BxE -> Bx out[1] x H/16 x W/16.
+    """Text-conditioned FPN: [v3, v4, v5] + sentence BxE -> Bx out[1] x H/s x W/s.
 
     The coarsest level is multiplied by the projected sentence feature, then fused top-down
-    with the two finer levels, aggregated at stride 16 and given coordinate channels.
+    with the two finer levels, aggregated at stride s (16 as in the paper, or 8: the stride-8
+    level is not pooled and the coarser ones are upsampled to it) and given coordinate
+    channels. Both strides have the same parameters.
     """
 
     def __init__(
-        self, in_dims: tuple[int, int, int], out_dims: tuple[int, int, int], sentence_dim: int
+        self, in_dims: tuple[int, int, int], out_dims: tuple[int, int, int], sentence_dim: int,
+        stride: int = 16,
     ) -> None:
         super().__init__()
+        self.stride = stride
         c3, c4, c5 = out_dims
         self.txt_proj = nn.Sequential(
             nn.Linear(sentence_dim, c5, bias=False), nn.BatchNorm1d(c5), nn.ReLU(inplace=True)
@@ -208,15 +212,19 @@ class TextFPN(nn.Module):
         f5 = self.f5_norm(self.f5_proj(v5) * state)
         f4 = self.f4_proj(v4)
         f4 = self.f4_cat(torch.cat([f4, _resize(f5, f4)], dim=1))
-        f3 = F.avg_pool2d(self.f3_proj(v3), 2, 2)
-        f3 = self.f3_cat(torch.cat([f3, f4], dim=1))
-        q4 = self.q4(f4)
-        fused = torch.cat([self.q3(f3), q4, _resize(self.q5(f5), q4)], dim=1)
+        f3 = self.f3_proj(v3)
+        if self.stride == 16:
+            f3 = F.avg_pool2d(f3, 2, 2)
+        f3 = self.f3_cat(torch.cat([f3, _resize(f4, f3)], dim=1))
+        q3 = self.q3(f3)
+        fused = torch.cat([q3, _resize(self.q4(f4), q3), _resize(self.q5(f5), q3)], dim=1)
         return self.out(self.coord(_coords(self.aggr(fused))))
 
 
 def _resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear resize of x to like's spatial size."""
+    """Bilinear resize of x to like's spatial size (x itself when the sizes agree)."""
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 

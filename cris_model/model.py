@@ -123,10 +123,15 @@ def _expand_batch(key: str, x: torch.Tensor, n: int) -> torch.Tensor:
     raise ValueError(f"feature {key} has batch {x.shape[0]}; expected 1 or {n} (the text batch)")
 
 
-def cris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
+def cris_loss(
+    logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0,
+    at_mask_size: bool = False,
+) -> torch.Tensor:
     """Mean binary cross-entropy of Bx1xhxw logits against a Bx1xHxW mask in [0, 1].
 
-    The mask is resized (nearest) to the logits' size first, as the reference does. With
+    The mask is resized (nearest) to the logits' size first, as the reference does; with
+    `at_mask_size` the logits are resized (bilinear) to the mask's size instead, so the loss
+    sees the boundary the evaluation thresholds (it upsamples the same way). With
     `dice_weight` > 0, that multiple of the mean soft Dice loss (1 - Dice per sample, +1
     smoothing) is added: it keeps small objects from drowning in background pixels. The
     paper's loss is dice_weight = 0.
@@ -136,7 +141,10 @@ def cris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0
             f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)} must both be Bx1xHxW"
         )
     target = mask.to(logits.dtype)
-    if target.shape[-2:] != logits.shape[-2:]:
+    if at_mask_size and target.shape[-2:] != logits.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                               align_corners=False)
+    elif target.shape[-2:] != logits.shape[-2:]:
         target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
     loss = F.binary_cross_entropy_with_logits(logits, target)
     if dice_weight:
@@ -184,7 +192,7 @@ def _assemble(config: ModelConfig, clip: nn.Module) -> CRIS:
     if backbone.word_dim % 2:
         raise ValueError(f"the text width must be even for sine positions, got "
                          f"{backbone.word_dim}")
-    neck = TextFPN(config.fpn_in, config.fpn_out, backbone.sentence_dim)
+    neck = TextFPN(config.fpn_in, config.fpn_out, backbone.sentence_dim, config.neck_stride)
     decoder = VLDecoder(config.num_layers, config.vis_dim, config.num_heads, config.dim_ffn,
                         config.dropout, backbone.word_dim)
     projector = Projector(config.vis_dim, backbone.sentence_dim, config.kernel_size,

@@ -127,13 +127,15 @@ def test_large_presets_build_and_run_on_a_small_input(preset: str) -> None:
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("config", [get_preset("cris_tiny"), TINY_VIT], ids=["resnet", "vit"])
+@pytest.mark.parametrize("config", [get_preset("cris_tiny"), TINY_VIT,
+                                    get_preset("cris_tiny", neck_stride=8)],
+                         ids=["resnet", "vit", "resnet-neck-stride-8"])
 def test_every_parameter_gets_a_gradient(config: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_model(config).train()
     size = config.input_size
     logits = model(torch.randn(2, 3, size, size), tokenize(_texts(2), config.word_len))
-    assert logits.shape == (2, 1, size // 4, size // 4)
+    assert logits.shape == (2, 1, size // config.mask_stride, size // config.mask_stride)
     cris_loss(logits, torch.rand(2, 1, size, size).round()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
@@ -206,6 +208,32 @@ def test_loss_resizes_the_mask_and_matches_bce() -> None:
     assert torch.allclose(cris_loss(logits, mask), expected)
     with pytest.raises(ValueError, match="Bx1xHxW"):
         cris_loss(logits, torch.zeros(3, 1, 8, 8))
+
+
+def test_loss_at_mask_size_upsamples_the_logits_instead() -> None:
+    logits = torch.randn(2, 1, 4, 4)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :, :3] = 1.0  # an edge between logit cells: only the mask's size sees it
+    up = torch.nn.functional.interpolate(logits, size=(8, 8), mode="bilinear",
+                                         align_corners=False)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(up, mask)
+    assert torch.allclose(cris_loss(logits, mask, at_mask_size=True), expected)
+    assert not torch.allclose(cris_loss(logits, mask), expected)
+
+
+def test_neck_at_stride_8_keeps_the_parameters_and_halves_the_mask_stride() -> None:
+    coarse, fine = get_preset("cris_tiny"), get_preset("cris_tiny", neck_stride=8)
+    assert (coarse.mask_stride, fine.mask_stride) == (4, 2)
+    torch.manual_seed(0)
+    a = build_model(coarse).eval()
+    b = build_model(fine).eval()
+    b.load_state_dict(a.state_dict())  # the same parameters, names and shapes
+    image, text = torch.randn(1, 3, 128, 128), tokenize(["the red circle"], 17)
+    with torch.no_grad():
+        assert a(image, text).shape == (1, 1, 32, 32)
+        assert b(image, text).shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="neck_stride"):
+        get_preset("cris_tiny", neck_stride=4)
 
 
 def test_dice_term_is_added_per_sample_and_vanishes_on_a_perfect_hard_prediction() -> None:

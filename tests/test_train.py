@@ -48,6 +48,8 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
         TrainConfig.from_params({"val_split": "testA"})
     with pytest.raises(ValueError, match="freeze_backbone"):
         TrainConfig.from_params({"features_dir": "cache"})
+    with pytest.raises(ValueError, match="train.loss_size must be logits or input"):
+        TrainConfig.from_params({"loss_size": "full"})
 
 
 def test_schedules_and_clip_learning_rate() -> None:

@@ -174,7 +174,8 @@ def split_paths(out: Path) -> tuple[Path, Path]:
 def _shapes(model: CRIS, batch: str) -> dict[str, Any]:
     size, length = model.config.input_size, model.config.word_len
     return {"image": [batch, 3, size, size], "tokens": [batch, length],
-            "logits": [batch, 1, size // 4, size // 4]}
+            "logits": [batch, 1, size // model.config.mask_stride,
+                       size // model.config.mask_stride]}
 
 
 def _prepared(model: CRIS) -> tuple[torch.Tensor, torch.Tensor]:

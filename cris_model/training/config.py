@@ -44,6 +44,8 @@ class TrainConfig(SectionConfig):
     lr_gamma: float = 0.1  # step schedule's LR factor at each milestone
     weight_decay: float = 0.0  # Adam L2 weight decay
     dice_weight: float = 0.0  # add this multiple of a soft Dice loss to the BCE (paper: 0)
+    loss_size: str = "logits"  # logits: mask resized to the logits (paper) | input: logits
+    # upsampled (bilinear) to the input's mask, as evaluation upsamples them
     device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
     memory_format: str = "auto"  # auto (channels_last on GPU) | channels_last | contiguous
@@ -84,6 +86,8 @@ class TrainConfig(SectionConfig):
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError("train.memory_format must be auto|channels_last|contiguous, got "
                              f"{self.memory_format!r}")
+        if self.loss_size not in ("logits", "input"):
+            raise ValueError(f"train.loss_size must be logits or input, got {self.loss_size!r}")
         if self.positional_lr not in ("backbone", "head"):
             raise ValueError(f"train.positional_lr must be backbone or head, got "
                              f"{self.positional_lr!r}")
