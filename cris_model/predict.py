@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,6 +141,19 @@ class Predictor:
     ) -> Predictor:
         """Load a checkpoint directory written by `save_checkpoint` and wrap it."""
         return cls(load_checkpoint(Path(path), str(device)), threshold=threshold, device=device)
+
+    @classmethod
+    def from_registry(
+        cls, model_uri: str, tracking_uri: str = "", device: str | torch.device = "cpu",
+        threshold: float | None = None,
+    ) -> Predictor:
+        """Load a registered model (e.g. models:/cris@champion) through a temporary folder
+        that is removed once the weights are in memory."""
+        from cris_model.registry import download_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cris-model-") as tmp:
+            path = download_checkpoint(model_uri, Path(tmp), tracking_uri)
+            return cls.from_checkpoint(path, device=device, threshold=threshold)
 
     def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:
         """Encode an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array): made RGB by
