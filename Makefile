@@ -65,17 +65,20 @@ DEFS := -m pipelines.definitions
 UI_HOST ?= 127.0.0.1
 DAGSTER_PORT ?= 3000
 MLFLOW_PORT ?= 5000
+APP_PORT ?= 7860
 # CRIS_STACK=services (after `make services`) runs the same targets on the shared services:
 # the MLflow server, the S3 store and their Dagster instance (infra/stack.py reads them).
 CRIS_STACK ?= embedded
 ifeq ($(CRIS_STACK),services)
 STACK_READY := $(PY) -m infra.services status > /dev/null &&
 DEMO_ENV = CRIS_STACK=services $(shell CRIS_STACK=services $(PY) -m infra.stack env) \
-	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) CI=1
+	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) \
+	CRIS_APP_URL=http://$(UI_HOST):$(APP_PORT) CI=1
 else
 STACK_READY :=
 DEMO_ENV := DAGSTER_HOME=$(DEMO)/dagster MLFLOW_TRACKING_URI=sqlite:///$(DEMO)/mlflow.db \
-	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) CI=1
+	CRIS_STORAGE_ROOT=$(DEMO)/assets CRIS_MLFLOW_UI_URL=http://$(UI_HOST):$(MLFLOW_PORT) \
+	CRIS_APP_URL=http://$(UI_HOST):$(APP_PORT) CI=1
 endif
 DEMO_SET ?=
 DEMO_LOG := $(DEMO)/demo.log
@@ -102,20 +105,36 @@ demo: setup
 	@echo "Demo finished. Where to look:"
 	@echo "  make ui   Dagster http://$(UI_HOST):$(DAGSTER_PORT) (asset graph, checks, metrics, plots)"
 	@echo "            MLflow  http://$(UI_HOST):$(MLFLOW_PORT) (runs, loss curve, model cris@champion)"
+	@echo "            Try it  http://$(UI_HOST):$(APP_PORT) (phrases on your image, champion vs challenger)"
 	@echo "  files     $(DEMO)/assets (data, train/best, eval/<split>/metrics.json, galleries)"
 	@echo "  logs      $(DEMO_LOG)"
 	@cat $(DEMO)/assets/promotion.json
 
-# The Dagster and MLflow UIs over the demo's instance and tracking store; Ctrl-C stops both.
+# The Dagster and MLflow UIs and the try-it page (`cris app`: the champion beside the challenger,
+# the demo's val images as examples) over the demo's instance and tracking store; Ctrl-C stops
+# all three. Before `make demo` has promoted a champion the page says so in one line and does
+# not start; Dagster and MLflow run all the same. APP_PORT= changes its port.
+PREPARED := $(DEMO)/assets/prepared
+APP = $(DEMO_ENV) $(VENV)/bin/cris app --compare models:/cris@challenger --host $(UI_HOST) \
+	--port $(APP_PORT) $(if $(wildcard $(PREPARED)/summary.json),--data $(PREPARED))
+UI_URLS = "Dagster: http://$(UI_HOST):$(DAGSTER_PORT)   MLflow: http://$(UI_HOST):$(MLFLOW_PORT)   Try it: http://$(UI_HOST):$(APP_PORT)"
+# Without the demo's store the page is not started at all: it would create the store while
+# `mlflow ui` does too.
+APP_EMBEDDED = $(if $(wildcard $(DEMO)/mlflow.db),$(APP),echo "Try it: not started: no \
+	$(DEMO)/mlflow.db yet (make demo registers and promotes a champion)")
 ui: setup
 ifeq ($(CRIS_STACK),services)
-	$(STACK_READY) $(DEMO_ENV) $(DAGSTER) dev $(DEFS) -h $(UI_HOST) -p $(DAGSTER_PORT)
+	$(STACK_READY) true
+	@echo $(UI_URLS)
+	$(APP) & app_pid=$$!; trap 'kill $$app_pid 2> /dev/null' EXIT; \
+	$(DEMO_ENV) $(DAGSTER) dev $(DEFS) -h $(UI_HOST) -p $(DAGSTER_PORT)
 else
 	mkdir -p $(DEMO)/dagster && cp -n infra/dagster/dagster.yaml $(DEMO)/dagster/
-	@echo "Dagster: http://$(UI_HOST):$(DAGSTER_PORT)   MLflow: http://$(UI_HOST):$(MLFLOW_PORT)"
+	@echo $(UI_URLS)
 	$(DEMO_ENV) $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db \
 		--host $(UI_HOST) --port $(MLFLOW_PORT) & mlflow_pid=$$!; \
-	trap 'kill $$mlflow_pid' EXIT; \
+	$(APP_EMBEDDED) & app_pid=$$!; \
+	trap 'kill $$mlflow_pid $$app_pid 2> /dev/null' EXIT; \
 	$(DEMO_ENV) $(DAGSTER) dev $(DEFS) -h $(UI_HOST) -p $(DAGSTER_PORT)
 endif
 

@@ -77,6 +77,12 @@ def tokenize(texts: list[str], word_len: int) -> torch.Tensor:
     return _tokenizer()(list(texts), context_length=word_len)
 
 
+def token_count(text: str) -> int:
+    """BPE tokens of one sentence without start and end of text: `tokenize` keeps at most
+    word_len - 2 of them, so a larger count means the model reads only the sentence's start."""
+    return len(_tokenizer().encode(text))
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A CLIP state dict from safetensors, an OpenAI TorchScript archive (read as tensors,
     see interop.clip_archive) or a torch file (weights only); never runs code."""

@@ -23,7 +23,7 @@ PRED_COLOUR = (230, 40, 40)  # RGB tint of predicted-only pixels
 GT_COLOUR = (40, 200, 60)  # RGB tint of true-only pixels
 BOTH_COLOUR = (240, 220, 40)  # RGB tint where prediction and truth agree
 ALPHA = 0.55  # opacity of the tints, in [0, 1]
-OVERLAY_COLOUR = (255, 40, 40)  # RGB of the mask tint drawn by `overlay_mask`
+OVERLAY_COLOUR = (255, 40, 40)  # RGB of the mask tint `overlay_mask` draws by default
 OVERLAY_ALPHA = 0.5  # opacity of that tint over masked pixels, in [0, 1]
 _BACKGROUND = (255, 255, 255)
 _TILE_FILL = (64, 64, 64)
@@ -122,13 +122,18 @@ def save_gallery(
     return save_png(render_gallery(rows, tile_size), path)
 
 
-def overlay_mask(image: Image.Image, mask: np.ndarray, caption: str = "") -> Image.Image:
-    """RGB image with the boolean HxW mask tinted in `OVERLAY_COLOUR` and a caption on top."""
+def overlay_mask(
+    image: Image.Image, mask: np.ndarray, caption: str = "",
+    colour: tuple[int, int, int] = OVERLAY_COLOUR,
+) -> Image.Image:
+    """RGB image with the boolean HxW mask tinted in `colour` and outlined opaque in it (as
+    the galleries outline theirs), and a caption on top."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} differs from image size {rgb.shape[:2]}")
-    tint = np.asarray(OVERLAY_COLOUR, dtype=np.float32)
+    tint = np.asarray(colour, dtype=np.float32)
     rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * tint
+    rgb[_outline(mask)] = tint
     out = Image.fromarray(rgb.round().astype(np.uint8))
     if caption:
         draw = ImageDraw.Draw(out)

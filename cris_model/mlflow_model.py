@@ -29,8 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import math
-from numbers import Number
 from typing import Any
 
 import mlflow
@@ -44,7 +42,7 @@ from PIL import Image
 
 from cris_model.data.masks import rle_from_mask
 from cris_model.imaging import decode_image
-from cris_model.predict import Predictor
+from cris_model.predict import Predictor, check_text
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # artifacts key holding the checkpoint directory
 OUTPUT_COLUMNS = ("mask", "height", "width", "area")  # columns of the prediction frame
@@ -68,19 +66,11 @@ def _refuse(row: int, problem: str) -> MlflowException:
 
 
 def _text(value: Any, row: int) -> str:
-    """The phrase of a row, stripped; refused unless a string with a non-space character."""
-    problem = "text must be a non-empty string"
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise _refuse(row, f"{problem}, got null")
-    if isinstance(value, Number) or isinstance(value, bool):
-        raise _refuse(row, f"{problem}, got the number {value!r}")
-    if not isinstance(value, str):
-        raise _refuse(row, f"{problem}, got {type(value).__name__}")
-    if not value:
-        raise _refuse(row, f"{problem}, got an empty string")
-    if not value.strip():
-        raise _refuse(row, f"{problem}, got only whitespace")
-    return value.strip()
+    """The phrase of a row, stripped (`predict.check_text`); refused naming the row."""
+    try:
+        return check_text(value)
+    except ValueError as e:
+        raise _refuse(row, str(e)) from e
 
 
 def _image_bytes(value: Any, row: int) -> bytes:

@@ -13,9 +13,12 @@ same way training and evaluation read them.
 from __future__ import annotations
 
 import copy
+import math
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Number
 from pathlib import Path
 
 import numpy as np
@@ -37,21 +40,42 @@ from cris_model.imaging import (
 )
 from cris_model.model import CRIS
 
-__all__ = ["HEAD_GRAPHS", "ImageEmbedding", "Predictor", "check_texts", "decode_image",
-           "load_image"]
+__all__ = ["HEAD_GRAPHS", "ImageEmbedding", "Predictor", "check_text", "check_texts",
+           "decode_image", "load_image"]
 
 HEAD_GRAPHS = 8  # expression counts a fast Predictor keeps a captured graph for (others: eager)
 
 
+def check_text(value: object) -> str:
+    """One phrase, stripped; ValueError naming the problem unless it is a string with a
+    non-space character (null, NaN, numbers, empty and whitespace-only are refused)."""
+    problem = "text must be a non-empty string"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"{problem}, got null")
+    if isinstance(value, Number):
+        raise ValueError(f"{problem}, got the number {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"{problem}, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{problem}, got an empty string")
+    if not value.strip():
+        raise ValueError(f"{problem}, got only whitespace")
+    return value.strip()
+
+
 def check_texts(texts: str | Sequence[str]) -> list[str]:
-    """Normalise one phrase or a list of phrases to a list; ValueError on empty input."""
+    """Normalise one phrase or a list of phrases to a list (`check_text` on each);
+    ValueError naming the phrase's index on bad input."""
     items = [texts] if isinstance(texts, str) else list(texts)
     if not items:
         raise ValueError("no referring expression given")
+    out = []
     for i, t in enumerate(items):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"referring expression {i} is empty: {t!r}")
-    return [t.strip() for t in items]
+        try:
+            out.append(check_text(t))
+        except ValueError as e:
+            raise ValueError(f"referring expression {i}: {e}") from e
+    return out
 
 
 def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
@@ -117,6 +141,19 @@ class Predictor:
     ) -> Predictor:
         """Load a checkpoint directory written by `save_checkpoint` and wrap it."""
         return cls(load_checkpoint(Path(path), str(device)), threshold=threshold, device=device)
+
+    @classmethod
+    def from_registry(
+        cls, model_uri: str, tracking_uri: str = "", device: str | torch.device = "cpu",
+        threshold: float | None = None,
+    ) -> Predictor:
+        """Load a registered model (e.g. models:/cris@champion) through a temporary folder
+        that is removed once the weights are in memory."""
+        from cris_model.registry import download_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cris-model-") as tmp:
+            path = download_checkpoint(model_uri, Path(tmp), tracking_uri)
+            return cls.from_checkpoint(path, device=device, threshold=threshold)
 
     def embed(self, image: Image.Image | np.ndarray) -> ImageEmbedding:
         """Encode an image (PIL, or uint8 HxW / HxWx3 / HxWx4 RGB array): made RGB by

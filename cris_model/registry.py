@@ -51,6 +51,7 @@ HISTORY_TAG = "champion_history"  # registered-model tag: replaced champions, ne
 ROLLED_BACK_TAG = "rolled_back"  # version tag set when a rollback removes it from service
 MODEL_ARTIFACT = "model"  # name of the logged model inside its run
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\- ]+$")
+_MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 ONNX_ARTIFACT = "onnx"  # folder of the version's run that holds model.onnx (export_onnx)
 _T = TypeVar("_T")
 
@@ -456,6 +457,34 @@ def rollback(config: RegistryConfig) -> dict[str, Any]:
         client = _client(uri)
         reason = _restore(client, name)
         return _report(client, name, uri, False, reason)
+
+
+def model_version(model_uri: str, tracking_uri: str = "") -> dict[str, Any]:
+    """The version a models:/NAME@ALIAS or models:/NAME/VERSION URI names now, as the
+    summary (tracking_uri, model_name, version, aliases, mIoU); ValueError when the URI has
+    another form or the registry has no such version or alias."""
+    found = _MODEL_URI_RE.match(model_uri)
+    if found is None:
+        raise ValueError(f"{model_uri}: not a registered model URI "
+                         "(models:/NAME@ALIAS or models:/NAME/VERSION)")
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = found["name"], found["alias"], found["version"]
+    uri = tracking_uri or default_tracking_uri()
+    with _mlflow_errors(uri):
+        client = _client(uri)
+        if alias is not None:
+            version = _registered(client, name)[0].get(alias)
+            if version is None:
+                raise ValueError(f"{model_uri}: no version of {name} has the alias {alias!r} "
+                                 f"in {uri} yet (`cris register` sets {CHALLENGER!r}, "
+                                 f"`cris promote` {CHAMPION!r})")
+        try:
+            return _summary(client, name, version, uri)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise ValueError(f"{model_uri}: {name} has no version {version} in {uri}") from e
 
 
 def download_checkpoint(model_uri: str, dest: Path, tracking_uri: str = "") -> Path:

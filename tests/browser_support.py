@@ -68,6 +68,7 @@ class Server:
 
     def __init__(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], log: Path):
         self.log = log
+        self.program = Path(argv[0]).name  # for messages
         with log.open("wb") as out:
             self.proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -81,7 +82,7 @@ class Server:
         last = "no answer yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args[0]} exited with {self.proc.returncode} "
+                raise RuntimeError(f"{self.program} exited with {self.proc.returncode} "
                                    f"before {url} answered:\n{_log_tail(self.log)}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
@@ -108,7 +109,7 @@ class Server:
             self._signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
             if not _wait_group_gone(self.pgid, 10):
-                raise RuntimeError(f"process group {self.pgid} ({self.proc.args[0]}) still "
+                raise RuntimeError(f"process group {self.pgid} ({self.program}) still "
                                    "has processes after SIGKILL")
         return clean
 

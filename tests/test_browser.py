@@ -85,7 +85,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         servers[1].wait_http(f"{mlflow}/health", START_TIMEOUT)
         yield {"dagster": dagster, "mlflow": mlflow, "promoted": promoted}
     finally:
-        stopped = {Path(s.proc.args[0]).name: s.stop() for s in servers}
+        stopped = {s.program: s.stop() for s in servers}
     assert not [s.pgid for s in servers if s.alive()], "server processes left running"
     assert all(stopped.values()), f"a server outlived SIGTERM and was killed: {stopped}"
 

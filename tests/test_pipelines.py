@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pytest
+import torch
 from dagster import (
     AssetKey,
     DagsterInstance,
@@ -22,12 +23,17 @@ from dagster import (
     asset,
     materialize,
 )
+from tiny_refer import make_prepared
 
+from cris_model.checkpoint import save_checkpoint
+from cris_model.config import get_preset
+from cris_model.model import build_model
 from cris_model.params import load_params
 from cris_model.pipes_report import PIPES_ENV, report_training, training_metadata
 from pipelines.definitions import ASSETS, defs
 from pipelines.defs.checks import CHECK_GROUPS, prepared_data_checks
 from pipelines.defs.jobs import PROMOTION_FILE, last_json_line, promote_model
+from pipelines.defs.params import eval_splits
 from pipelines.defs.resources import (
     ComputeResource,
     MlflowResource,
@@ -97,6 +103,23 @@ def test_every_asset_materializes_and_the_data_checks_pass(pipeline: dict[str, A
     assert (Path(features["path"]) / "meta.json").is_file()
     saved = json.loads((root / "train" / "best" / "train_state.json").read_text())
     assert saved["config"]["train"]["features_dir"] == str(root / "features")
+
+
+def test_registered_model_links_the_try_it_page(tmp_path: Path) -> None:
+    root = tmp_path / "assets"
+    make_prepared(root, {"val": 1})
+    torch.manual_seed(0)
+    save_checkpoint(root / "train" / "best",
+                    build_model(get_preset("cris_tiny", random_init=True)))
+    for split in eval_splits():
+        (root / "eval" / split).mkdir(parents=True)
+        (root / "eval" / split / "metrics.json").write_text(
+            json.dumps({"split": split, "mIoU": 0.5, "count": 2}))
+    resources = _resources(root, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    resources["mlflow"] = resources["mlflow"].model_copy(
+        update={"app_url": "http://127.0.0.1:7860"})
+    result = materialize(ASSETS, resources=resources, selection="registered_model")
+    assert _metadata(result, "registered_model")["try_it"] == "http://127.0.0.1:7860"
 
 
 def test_features_are_skipped_when_the_backbone_trains(tmp_path: Path) -> None:
@@ -171,15 +194,17 @@ def test_a_failing_blocking_check_stops_features_and_training(tmp_path: Path) ->
                          instance=instance, selection="prepared_splits*", raise_on_error=False)
 
     assert not result.success
-    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()
+            if e.asset_key is not None}
     assert done == {"prepared_splits"}
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     failed = {name for name, c in checks.items() if not c.passed}
     assert failed == {"data_images"}
     meta = checks["data_images"].metadata
     assert meta["failed"].value == ["image_decodes"]
-    assert meta["actual"].value["image_decodes"]["unexpected_count"] >= 1
-    assert meta["expected"].value["image_decodes"] is not None
+    actual, expected = (cast(dict[str, Any], meta[k].value) for k in ("actual", "expected"))
+    assert actual["image_decodes"]["unexpected_count"] >= 1
+    assert expected["image_decodes"] is not None
     assert not (tmp_path / "assets" / "features").exists()
     assert not (tmp_path / "assets" / "train").exists()
 
@@ -264,5 +289,6 @@ def test_definitions_load_with_jobs_and_params_driven_partitions() -> None:
     assert {"train_pipeline", "evaluate_splits", "register_model", "promote_model"} <= jobs
     graph = defs.resolve_asset_graph()
     partitions = graph.get(AssetKey("evaluation")).partitions_def
+    assert partitions is not None
     params = load_params(REPO / "params.yaml")
     assert partitions.get_partition_keys() == params["eval"]["splits"]

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from fetch_servers import FileServer
 from payloads import code_pickle
 from PIL import Image
 from reliability_support import cris, kill_env
-from tiny_refer import make_prepared
+from tiny_refer import tiny_training
 
 from cris_model.checkpoint import load_checkpoint, save_checkpoint
 from cris_model.cli import main
@@ -100,13 +99,7 @@ def test_config_naming_code_is_an_unknown_key_not_an_import(tiny: CRIS, tmp_path
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
     """(the `cris train` arguments, less --out; a finished run's output folder)."""
     tmp = tmp_path_factory.mktemp("trained")
-    data = make_prepared(tmp / "refer", {"train": 2, "val": 1})
-    params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump({
-        "model": {"preset": "cris_tiny", "random_init": True},
-        "train": {"epochs": 1, "batch_size": 4, "tracking": False, "progress": False,
-                  "gallery_size": 0}}))
-    common = ["train", "--params", str(params), "--data", str(data)]
+    common, _ = tiny_training(tmp, {"train": 2, "val": 1})
     first = cris(*common, "--out", str(tmp / "run"), env=kill_env(tmp, None))
     assert first.wait(timeout=300) == 0, first.communicate()[1]
     return common, tmp / "run"

@@ -12,12 +12,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from PIL import Image
 
 from cris_model.data.manifest import MANIFEST_SCHEMA
 from cris_model.data.masks import rle_from_mask
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+# One untracked epoch of random-init cris_tiny: a trained checkpoint in seconds.
+TINY_TRAINING = {"model": {"preset": "cris_tiny", "random_init": True},
+                 "train": {"epochs": 1, "batch_size": 4, "tracking": False, "progress": False,
+                           "gallery_size": 0}}
 
 
 def _image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, dict[str, np.ndarray],
@@ -72,3 +77,12 @@ def make_prepared(root: Path, splits: dict[str, int], seed: int = 0, size: tuple
                        out / f"{split}.parquet")
     (out / "summary.json").write_text(json.dumps({"image_dir": str(images.resolve())}))
     return out
+
+
+def tiny_training(root: Path, splits: dict[str, int]) -> tuple[list[str], Path]:
+    """(`cris train` arguments less --out for TINY_TRAINING on a prepared folder of `splits`
+    written under `root`; that prepared folder)."""
+    data = make_prepared(root / "refer", splits)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_TRAINING))
+    return ["train", "--params", str(params), "--data", str(data)], data

@@ -11,14 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cris_model.cli import data, evaluate, interop, model, predict, registry, train
+from cris_model.cli import app, data, evaluate, interop, model, predict, registry, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `cris` argument parser."""
     parser = argparse.ArgumentParser(prog="cris", description="CRIS referring segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (model, data, predict, train, evaluate, registry, interop):
+    for group in (model, data, predict, train, evaluate, registry, interop, app):
         group.register(sub)
     return parser
 

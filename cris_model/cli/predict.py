@@ -12,10 +12,9 @@ The model is a checkpoint directory (`--checkpoint`) or a registered MLflow mode
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
-from cris_model.cli.common import print_json
+from cris_model.cli.common import add_model_options, print_json
 
 
 def _numbered(path: Path, index: int, total: int) -> Path:
@@ -33,12 +32,8 @@ def _predict(args: argparse.Namespace) -> int:
     texts = check_texts(args.text)
     image = load_image(args.image)
     if args.model_uri:
-        from cris_model.registry import download_checkpoint
-
-        with tempfile.TemporaryDirectory(prefix="cris-model-") as tmp:
-            path = download_checkpoint(args.model_uri, Path(tmp), args.tracking_uri)
-            predictor = Predictor.from_checkpoint(path, device=args.device,
-                                                  threshold=args.threshold)
+        predictor = Predictor.from_registry(args.model_uri, args.tracking_uri,
+                                            device=args.device, threshold=args.threshold)
     else:
         predictor = Predictor.from_checkpoint(
             args.checkpoint, device=args.device, threshold=args.threshold
@@ -71,10 +66,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mask PNG path; with several --text, <stem>_<i>.png per text")
     p.add_argument("--overlay", default=None,
                    help="also write the mask tinted over the image with the phrase as caption")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="sigmoid threshold in (0, 1) (default: the checkpoint's config)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--tracking-uri", default="",
-                   help="MLflow tracking/registry URI for --model-uri "
-                        "(default: $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db)")
+    add_model_options(p)
     p.set_defaults(func=_predict)

@@ -218,4 +218,5 @@ def registered_model(
         "aliases": MetadataValue.json(found["aliases"]), "model_uri": found["model_uri"],
         "reused": bool(found["reused"]), "metrics": metrics_table(scores),
         "mlflow_run": mlflow.run_link(found["run_id"]),
+        **({"try_it": MetadataValue.url(mlflow.app_url)} if mlflow.app_url else {}),
     })

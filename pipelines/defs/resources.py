@@ -117,6 +117,9 @@ class MlflowResource(ConfigurableResource):
                             description="MLflow experiment (default: train.experiment)")
     ui_url: str = Field(default_factory=lambda: os.environ.get("CRIS_MLFLOW_UI_URL", ""),
                         description="MLflow UI address for links, e.g. http://127.0.0.1:5000")
+    app_url: str = Field(default_factory=lambda: os.environ.get("CRIS_APP_URL", ""),
+                         description="`cris app` (try-it page) address for links, e.g. "
+                                     "http://127.0.0.1:7860")
 
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that talks to this MLflow."""
