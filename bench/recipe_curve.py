@@ -30,7 +30,8 @@ from cris_model.params import load_params  # noqa: E402
 from cris_model.training.loop import train  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-OLD_RECIPE = [  # the demo's train settings before issue 13 (the model is unchanged)
+OLD_RECIPE = [  # the demo's model and train settings before issue 13
+    "model.neck_stride=16", "model.fpn_out=[64,128,128]", "model.vis_dim=128",
     "train.loss_size=logits", "train.text_lr_scale=0.0", "train.warmup_steps=0",
     "train.freeze_token_embedding=false", "train.cache_images=false",
 ]
