@@ -243,13 +243,13 @@ def _batches(loader: DataLoader, desc: str, disable: bool) -> Iterator[dict[str,
 
 def _step(
     net: torch.nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, amp: Any, cfg: TrainConfig,
+    scaler: torch.amp.GradScaler, amp: Any, dice_weight: float, at_mask_size: bool = False,
 ) -> torch.Tensor:
     """One optimizer step on a batch dict; returns the detached loss."""
     with amp:
         logits = net(batch)
-    loss = cris_loss(logits.float(), batch["mask"].unsqueeze(1).float(), cfg.dice_weight,
-                     at_mask_size=cfg.loss_size == "input")
+    loss = cris_loss(logits.float(), batch["mask"].unsqueeze(1).float(), dice_weight,
+                     at_mask_size)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -329,7 +329,7 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     for batch in _batches(run.loader, f"epoch {epoch + 1}", not run.show):
         set_lr(run.opt, cfg, prog.step, run.steps_per_epoch)
         losses.append(_step(run.net, _to(batch, run.ctx.device), run.opt, run.scaler, run.amp,
-                            cfg))
+                            cfg.dice_weight, cfg.loss_size == "input"))
         prog.step += 1
         prog.batch += 1
         prog.samples += len(batch["mask"]) * run.ctx.world_size
