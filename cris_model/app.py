@@ -264,8 +264,12 @@ def build_page(models: Sequence[ServedModel], examples: list[list[str]]) -> gr.B
                                 label="Overlays", columns=2, height="auto", format="png",
                                 object_fit="contain", elem_id=f"overlays-{i}"))
                             reports.append(gr.Markdown(elem_id=f"report-{i}"))
-        upload.change(preview, upload, [shown, status])
-        run.click(partial(respond, models), [upload, phrases], [status, *galleries, *reports])
+        # Both write the status line: one queue, so a click right after an upload is answered
+        # after the upload's preview, never overwritten by it.
+        upload.change(preview, upload, [shown, status], concurrency_id="page",
+                      concurrency_limit=1)
+        run.click(partial(respond, models), [upload, phrases], [status, *galleries, *reports],
+                  concurrency_id="page", concurrency_limit=1)
     return page
 
 
