@@ -326,7 +326,7 @@ class Projector(nn.Module):
             nn.Conv2d(mid, mid, 1),
         )
         self.txt = nn.Linear(sentence_dim, mid * kernel_size * kernel_size + 1)
-        self.checkpoint = False  # recompute the upsampling stack in backward (stride-4 maps)
+        self.checkpoint = False  # recompute the upsampling stack in backward (the largest maps)
 
     def forward(self, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         x = recompute(self, self.vis, x) if self.checkpoint else self.vis(x)

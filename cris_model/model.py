@@ -2,7 +2,8 @@
 
 The forward pass splits in two so a frozen backbone can be cached and a predictor can encode
 one image for many expressions: `encode` runs only CLIP's own weights; `head` runs every new,
-trainable part and returns stride-4 logits.
+trainable part and returns logits at stride s = `config.mask_stride` (4 for the paper's
+stride-16 neck).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class CRIS(nn.Module):
         return {**self.encode_image(image), **self.encode_text(text)}
 
     def head(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Features from `encode` -> Bx1x(H/4)x(W/4) logits through every new layer.
+        """Features from `encode` -> Bx1x(H/s)x(W/s) logits through every new layer.
 
         Image features of batch 1 with text features of batch N score one image against N
         expressions (the image part is expanded, not copied).
@@ -80,7 +81,7 @@ class CRIS(nn.Module):
         return self.projector(fq, sentence)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Bx3xHxW image, BxL tokens -> Bx1x(H/4)x(W/4) logits."""
+        """Bx3xHxW image, BxL tokens -> Bx1x(H/s)x(W/s) logits."""
         return self.head(self.encode(image, text))
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
@@ -141,11 +142,12 @@ def cris_loss(
             f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)} must both be Bx1xHxW"
         )
     target = mask.to(logits.dtype)
-    if at_mask_size and target.shape[-2:] != logits.shape[-2:]:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
-                               align_corners=False)
-    elif target.shape[-2:] != logits.shape[-2:]:
-        target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
+    if target.shape[-2:] != logits.shape[-2:]:
+        if at_mask_size:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        else:
+            target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
     loss = F.binary_cross_entropy_with_logits(logits, target)
     if dice_weight:
         prob, truth = logits.sigmoid().flatten(1), target.flatten(1)

@@ -1,10 +1,10 @@
 """`cris export --format onnx`: a checkpoint as an ONNX graph, checked against PyTorch.
 
 The whole model: inputs `image` Bx3xHxW float32 (CLIP-normalised, H = W = the config's
-input_size) and `tokens` BxL int64 (L = word_len), output `logits` Bx1x(H/4)x(W/4); the
+input_size) and `tokens` BxL int64 (L = word_len), output `logits` Bx1x(H/s)x(W/s); the
 batch is dynamic. With `split`, two graphs serve many phrases per image: `image_encoder`
 (image 1x3xHxW -> CLIP's feature maps, run once) and `phrase_head` (those maps + tokens
-NxL -> logits Nx1x(H/4)x(W/4), N dynamic).
+NxL -> logits Nx1x(H/s)x(W/s), N dynamic); s is the config's mask_stride.
 
 The exporter is torch.onnx's TorchScript tracer (`dynamo=False`: the dynamo exporter needs
 onnxscript, which this project does not install). Before a file is kept, onnxruntime runs
