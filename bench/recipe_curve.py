@@ -36,6 +36,9 @@ OLD_RECIPE = [  # the demo's model and train settings before issue 13
     "train.freeze_token_embedding=false", "train.cache_images=false",
 ]
 RECIPES = {"old": OLD_RECIPE, "new": []}
+REFERENCE_LINES = [  # (val mIoU, what reaches it): the README's blind oracle, issue 13's goal
+    (0.344, "language-blind oracle"), (0.75, "goal"),
+]
 
 
 class CurveTracker:
@@ -79,6 +82,10 @@ def plot(curves: dict[str, list[dict[str, float]]], png: Path, title: str) -> No
     for name, points in curves.items():
         ax.plot([p["seconds"] / 60 for p in points], [p["mIoU"] for p in points], marker="o",
                 label=f"{name} recipe (best {max(p['mIoU'] for p in points):.3f})")
+    for level, label in REFERENCE_LINES:
+        ax.axhline(level, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(0.01, level + 0.01, f"{label} ({level})", transform=ax.get_yaxis_transform(),
+                fontsize=7, color="grey")
     ax.set_xlabel("wall time (minutes, training and per-epoch validation)")
     ax.set_ylabel("val mIoU")
     ax.set_ylim(0, 1)
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.recipes:
             curves[name] = run_recipe([*RECIPES[name], *args.set], args.data, Path(tmp) / name)
     info = machine()
-    plot(curves, args.png, f"demo data, CPU {info['device']}, {args.threads} threads, "
+    plot(curves, args.png, f"demo data, {info['device']}, {args.threads} threads, "
                            f"{info['date']}")
     result = {"bench": "recipe_curve", "machine": info, "threads": args.threads,
               "overrides": args.set, "curves": curves, "png": str(args.png)}
