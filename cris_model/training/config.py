@@ -49,7 +49,7 @@ class TrainConfig(SectionConfig):
     device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (grad scaler) | fp32
     memory_format: str = "auto"  # auto (channels_last on GPU) | channels_last | contiguous
-    fused_optimizer: bool = True  # fused Adam kernel on GPU: one launch per step, not per op
+    fused_optimizer: bool = True  # fused Adam kernel: one call per step, not per op (GPU, CPU)
     activation_checkpointing: list[str] = field(default_factory=list)  # parts recomputed in
     # backward to save memory: backbone, decoder, projector (model.CHECKPOINT_PARTS)
     compile: bool = False  # torch.compile each block (accel.compile_regions); compiles first

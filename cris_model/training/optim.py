@@ -59,8 +59,7 @@ def param_groups(model: CRIS, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: CRIS, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over `param_groups`; fused on a GPU with `fused_optimizer`. LRs are set per step
-    by `set_lr`."""
-    fused = cfg.fused_optimizer and next(model.parameters()).is_cuda
+    """Adam over `param_groups`, torch's fused kernel with `fused_optimizer` (GPU and CPU).
+    LRs are set per step by `set_lr`."""
     return torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, fused=fused)
+                            weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer)
