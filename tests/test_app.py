@@ -38,6 +38,7 @@ from tiny_refer import tiny_training
 
 from cris_model.app import (
     PHRASE_COLOURS,
+    build_page,
     dataset_examples,
     load_model,
     load_models,
@@ -223,3 +224,11 @@ def test_champion_and_challenger_on_one_version_make_one_column(models: dict[str
     served = load_models(["models:/cris@champion", "models:/cris/1", "models:/cris@challenger"],
                          models["uri"])
     assert [m.title for m in served] == ["cris v1 (champion)", "cris v2 (challenger)"]
+
+
+def test_the_preview_and_segment_share_one_queue(models: dict[str, Any]) -> None:
+    """Both write the status line; in separate queues Gradio may answer a click before the
+    upload's preview, which then overwrites the click's message (seen in CI)."""
+    page = build_page([load_model(models["best"])], [])
+    groups = [(fn.concurrency_id, fn.concurrency_limit) for fn in page.fns.values()]
+    assert len(groups) == 2 and set(groups) == {("page", 1)}, groups
