@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -106,3 +107,39 @@ def test_recipe_curve_trains_both_recipes_and_plots_them(
         assert points[0]["seconds"] < points[1]["seconds"]
         assert all(0.0 <= p["mIoU"] <= 1.0 for p in points)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_probe_separates_informative_from_constant_features(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = import_bench("feature_probe", monkeypatch)
+    y_train, y_val = np.array([0, 1, 2, 0, 1, 2, 0, 0]), np.array([0, 1, 2, 0, 0])
+    told = bench.probe(np.eye(3)[y_train], y_train, np.eye(3)[y_val], y_val)
+    assert told["train"] == told["val"] == 1.0 and told["chance"] == 0.6
+    blind = bench.probe(np.ones((8, 3)), y_train, np.ones((5, 3)), y_val)
+    assert blind["val"] == blind["chance"] == 0.6  # the majority class, nothing more
+
+
+def test_feature_probe_reads_a_checkpoint_and_synthetic_data(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cris_model.checkpoint import save_checkpoint
+    from cris_model.data.manifest import prepare_dataset
+    from cris_model.data.synth import generate
+    from cris_model.data.synth_grammar import SHAPES
+    from cris_model.model import create_model
+
+    bench = import_bench("feature_probe", monkeypatch)
+    generate(tmp_path / "raw", images=40, seed=1)
+    prepare_dataset(tmp_path / "raw", "refcoco", "unc", tmp_path / "prepared")
+    model = create_model({"model": {"preset": "cris_tiny", "input_size": 64}}, seed=0)
+    save_checkpoint(tmp_path / "ckpt", model)
+    out = tmp_path / "probe.json"
+    result = bench.main(["--checkpoint", str(tmp_path / "ckpt"), "--data",
+                         str(tmp_path / "prepared"), "--threads", "1", "--out", str(out)])
+    assert set(result["image_category"]) == {"img_c3", "img_c4", "img_pool"}
+    for figures in [*result["image_category"].values(), result["sentence_names"]]:
+        assert figures["n_train"] > figures["n_val"] > 0
+        assert 0.0 < figures["chance"] <= figures["train"] <= 1.0
+    assert result["sentence_names"]["words"] == list(SHAPES)
+    with pytest.raises(ValueError, match="names one of"):
+        bench.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "prepared"),
+                    "--words", "zebra"])
