@@ -134,7 +134,7 @@ def test_feature_probe_reads_a_checkpoint_and_synthetic_data(
     save_checkpoint(tmp_path / "ckpt", model)
     out = tmp_path / "probe.json"
     result = bench.main(["--checkpoint", str(tmp_path / "ckpt"), "--data",
-                         str(tmp_path / "prepared"), "--threads", "1", "--out", str(out)])
+                         str(tmp_path / "prepared"), "--out", str(out)])
     assert set(result["image_category"]) == {"img_c3", "img_c4", "img_pool"}
     for figures in [*result["image_category"].values(), result["sentence_names"]]:
         assert figures["n_train"] > figures["n_val"] > 0
