@@ -103,6 +103,56 @@ def test_shards_of_ranks_make_the_single_process_batches() -> None:
         range(10))
 
 
+def _stretches(order: list[int], groups: list[int]) -> list[int]:
+    """Lengths of the maximal stretches of `order` whose items share a group."""
+    lengths = [1]
+    for a, b in zip(order, order[1:]):
+        if groups[a] == groups[b]:
+            lengths[-1] += 1
+        else:
+            lengths.append(1)
+    return lengths
+
+
+def test_grouped_sampler_lines_up_runs_of_one_group() -> None:
+    groups = [i % 5 for i in range(23)]  # five images with 4 or 5 referred objects each
+    sampler = ShardedBatchSampler(23, 4, seed=3, drop_last=False, groups=groups, per_group=3)
+    order = sum(list(sampler), [])
+    assert sorted(order) == list(range(23))  # each object once per epoch
+    # runs of up to 3: two per group, ten in all (fewer stretches where two runs of a group meet)
+    assert len(_stretches(order, groups)) <= 10
+    plain = sum(list(ShardedBatchSampler(23, 4, seed=3, drop_last=False)), [])
+    assert len(_stretches(plain, groups)) > 15
+    again = ShardedBatchSampler(23, 4, seed=3, drop_last=False, groups=groups, per_group=3)
+    assert sum(list(again), []) == order  # seeded by (seed, epoch)
+    sampler.set_epoch(1)
+    assert sum(list(sampler), []) != order
+    ones = ShardedBatchSampler(23, 4, seed=3, drop_last=False, groups=groups, per_group=1)
+    assert sum(list(ones), []) == plain  # per_group 1 is the independent order
+    with pytest.raises(ValueError, match="groups has 3 entries for 23 items"):
+        ShardedBatchSampler(23, 4, groups=[0, 1, 2], per_group=2)
+
+
+def test_flip_by_image_flips_every_object_of_an_image_alike(prepared: Path) -> None:
+    ds = RefDataset(prepared, "train", 96, 17, seed=1, flip=True, flip_by_image=True)
+    plain = RefDataset(prepared, "train", 96, 17, seed=1)
+    images = ds.image_ids()
+    assert len(set(images)) == 4 and len(images) == 8
+    flips = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        by_image: dict[int, set[bool]] = {}
+        for i in range(len(ds)):
+            item, ref = ds[i], plain[i]
+            assert item["image_id"] == images[i]
+            flipped = not torch.equal(item["image"], ref["image"])
+            by_image.setdefault(item["image_id"], set()).add(flipped)
+        assert all(len(f) == 1 for f in by_image.values())
+        flips |= {f for fs in by_image.values() for f in fs}
+    assert flips == {True, False}
+
+
 def test_sampler_rejects_uneven_or_empty_batches() -> None:
     with pytest.raises(ValueError, match="multiple of world size"):
         ShardedBatchSampler(10, 3, world_size=2)

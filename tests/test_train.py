@@ -50,6 +50,11 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
         TrainConfig.from_params({"features_dir": "cache"})
     with pytest.raises(ValueError, match="train.loss_size must be logits or input"):
         TrainConfig.from_params({"loss_size": "full"})
+    with pytest.raises(ValueError, match="phrases_per_image must be >= 1"):
+        TrainConfig.from_params({"phrases_per_image": 0})
+    with pytest.raises(ValueError, match="no images to share"):
+        TrainConfig.from_params({"phrases_per_image": 2, "features_dir": "cache",
+                                 "freeze_backbone": True})
 
 
 def test_schedules_and_clip_learning_rate() -> None:
@@ -184,3 +189,29 @@ def test_resume_without_checkpoint_is_a_clear_error(
                "--out", str(tmp_path / "none"), "--resume"])
     assert rc == 1
     assert "no training checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_phrases_per_image_encodes_each_image_once_for_the_same_logits(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cris_model.data.dataset import RefDataset, ShardedBatchSampler, collate
+    from cris_model.training.loop import _Net
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("cris_tiny", random_init=True)).eval()
+    ds = RefDataset(prepared, "train", model.config.input_size, model.config.word_len,
+                    flip=True, flip_by_image=True)
+    sampler = ShardedBatchSampler(len(ds), 8, groups=ds.image_ids(), per_group=2, seed=0)
+    batch = collate([ds[i] for i in next(iter(sampler))])
+    encoded: list[int] = []
+    encode_image = model.backbone.encode_image
+    monkeypatch.setattr(model.backbone, "encode_image",
+                        lambda image: encoded.append(len(image)) or encode_image(image))
+    fmt = torch.contiguous_format
+    with torch.no_grad():
+        plain = _Net(model, False, fmt)(batch)
+        shared = _Net(model, False, fmt, share_images=True)(batch)
+    runs = len(torch.unique_consecutive(batch["image_id"]))
+    assert encoded == [8, runs] and runs < 8  # 4 images with 2 objects each, in runs
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert train(_params(phrases_per_image=2, max_steps=2), prepared, tmp_path / "out").steps == 2

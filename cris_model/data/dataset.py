@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +83,23 @@ def load_canvas(image_dir: Path, row: Any, size: int) -> tuple[np.ndarray, Lette
 
 class RefDataset(Dataset):
     """Items of one split: dict(image 3xSxS uint8, tokens L int64, mask SxS float32 in [0,1],
-    index, ref_id, sent_id), S = input_size.
+    index, ref_id, sent_id, image_id), S = input_size.
 
     `sample="ref"` (training): one item per referred object, a random sentence each epoch
-    (call `set_epoch`), optional flip with probability 0.5. `sample="sentence"` (evaluation):
-    one item per manifest row, no randomness. `blind` replaces every phrase by "" (the
-    language-blind baseline). `cache` keeps each image's letterboxed pixels, each referred
-    object's mask (uint8) and each phrase's tokens in memory after their first use, so later
-    epochs decode nothing; items are the same either way (S x S x 4 bytes per image and
-    S x S per object: 80 MB for the demo's train split at 128 px).
+    (call `set_epoch`), optional flip with probability 0.5, drawn per image with
+    `flip_by_image` (so the objects of one image can share its encoding).
+    `sample="sentence"` (evaluation): one item per manifest row, no randomness. `blind`
+    replaces every phrase by "" (the language-blind baseline). `cache` keeps each image's
+    letterboxed pixels, each referred object's mask (uint8) and each phrase's tokens in
+    memory after their first use, so later epochs decode nothing; items are the same either
+    way (S x S x 4 bytes per image and S x S per object: 80 MB for the demo's train split at
+    128 px).
     """
 
     def __init__(
         self, data_dir: Path, split: str, input_size: int, word_len: int, *,
         sample: str = "ref", flip: bool = False, seed: int = 0, blind: bool = False,
-        cache: bool = False,
+        cache: bool = False, flip_by_image: bool = False,
     ) -> None:
         if sample not in ("ref", "sentence"):
             raise ValueError(f"sample must be 'ref' or 'sentence', got {sample!r}")
@@ -109,6 +111,7 @@ class RefDataset(Dataset):
         self._tokens: dict[str, torch.Tensor] = {}
         self.split, self.input_size, self.word_len = split, input_size, word_len
         self.sample, self.flip, self.seed, self.blind, self.epoch = sample, flip, seed, blind, 0
+        self.flip_by_image = flip_by_image
         if sample == "ref":
             groups = self.rows.groupby("ref_id", sort=False).indices
             self.groups = [np.asarray(ix) for ix in groups.values()]
@@ -140,8 +143,16 @@ class RefDataset(Dataset):
         if self.sample == "ref":
             rng = np.random.default_rng([self.seed, self.epoch, item])
             index = int(rows[rng.integers(len(rows))])
-            flip = self.flip and bool(rng.random() < 0.5)
+            draw = rng.random()
+            if self.flip_by_image:
+                image_id = int(self.records[index]["image_id"])
+                draw = np.random.default_rng([self.seed, self.epoch, image_id, 1]).random()
+            flip = self.flip and bool(draw < 0.5)
         return self._load(index, flip)
+
+    def image_ids(self) -> list[int]:
+        """The image of each item (what `ShardedBatchSampler` groups by)."""
+        return [int(self.records[int(rows[0])]["image_id"]) for rows in self.groups]
 
     def _pixels(self, index: int, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """(letterboxed image SxSx3 uint8, its object's mask SxS uint8), cached with `cache`."""
@@ -176,6 +187,7 @@ class RefDataset(Dataset):
             "index": index,
             "ref_id": int(row["ref_id"]),
             "sent_id": int(row["sent_id"]),
+            "image_id": int(row["image_id"]),
         }
 
 
@@ -185,12 +197,15 @@ class ShardedBatchSampler(Sampler[list[int]]):
     Rank r gets items [r*b, (r+1)*b) of every global batch (b = batch_size / world_size), so
     N ranks together see exactly the batches one process would. The order depends only on
     (seed, epoch); `set_epoch(epoch, skip=k)` starts past the first k batches (resume).
-    The last incomplete global batch is dropped when `drop_last`.
+    The last incomplete global batch is dropped when `drop_last`. Given `groups` (each item's
+    group, e.g. its image) and `per_group` > 1, a shuffled epoch lines items up in runs of up
+    to `per_group` items of one group, the runs in random order.
     """
 
     def __init__(
         self, num_items: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
         seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+        groups: Sequence[int] | None = None, per_group: int = 1,
     ) -> None:
         if batch_size <= 0 or batch_size % world_size:
             raise ValueError(
@@ -200,12 +215,25 @@ class ShardedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"{num_items} items make no full batch of {batch_size}")
         self.num_items, self.batch_size, self.world_size, self.rank = (
             num_items, batch_size, world_size, rank)
+        if groups is not None and len(groups) != num_items:
+            raise ValueError(f"groups has {len(groups)} entries for {num_items} items")
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.groups, self.per_group = groups, per_group
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Select the epoch's order and how many of its leading batches to skip."""
         self.epoch, self.skip = epoch, skip
+
+    def _in_runs(self, order: list[int], gen: torch.Generator) -> list[int]:
+        """`order` regrouped: runs of up to per_group items of one group, in random order."""
+        assert self.groups is not None
+        by_group: dict[int, list[int]] = {}
+        for i in order:
+            by_group.setdefault(int(self.groups[i]), []).append(i)
+        k = self.per_group
+        runs = [items[j:j + k] for items in by_group.values() for j in range(0, len(items), k)]
+        return [i for r in torch.randperm(len(runs), generator=gen).tolist() for i in runs[r]]
 
     def _num_global(self) -> int:
         full, rest = divmod(self.num_items, self.batch_size)
@@ -218,6 +246,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.num_items, generator=gen).tolist()
+            if self.groups is not None and self.per_group > 1:
+                order = self._in_runs(order, gen)
         else:
             order = list(range(self.num_items))
         per_rank = self.batch_size // self.world_size

@@ -48,7 +48,7 @@ from cris_model.training.distributed import (
 )
 from cris_model.training.optim import build_optimizer, set_lr
 
-_ID_KEYS = ("mask", "index", "ref_id", "sent_id")  # batch entries that are not model inputs
+_ID_KEYS = ("mask", "index", "ref_id", "sent_id", "image_id")  # batch entries, not model inputs
 HISTORY = "history.csv"  # per-window training loss (step,loss) in out_dir: DVC's loss plot
 
 
@@ -93,15 +93,17 @@ class _Net(torch.nn.Module):
     """Batch dict -> Bx1xhxw logits; the module DDP wraps, so both input paths sync gradients.
 
     A batch holds either images + tokens, or cached CLIP features (the keys of
-    `CRIS.encode`) from the feature cache.
+    `CRIS.encode`) from the feature cache. With `share_images`, each run of items of one
+    image (`image_id`) is encoded once and its features serve every phrase of the run.
     """
 
     def __init__(
-        self, model: CRIS, freeze_backbone: bool, memory_format: torch.memory_format
+        self, model: CRIS, freeze_backbone: bool, memory_format: torch.memory_format,
+        share_images: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.freeze_backbone = model, freeze_backbone
-        self.memory_format = memory_format
+        self.memory_format, self.share_images = memory_format, share_images
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "image" not in batch:  # cached features arrive in the cache's dtype (float16 too)
@@ -110,10 +112,25 @@ class _Net(torch.nn.Module):
                                     if k not in _ID_KEYS})
         image = self._layout(normalize(batch["image"]))
         if not self.freeze_backbone:
+            if self.share_images:
+                return self.model.head(self._encode_shared(image, batch))
             return self.model(image, batch["tokens"])
         with torch.no_grad():
-            feats = self.model.encode(image, batch["tokens"])
+            feats = (self._encode_shared(image, batch) if self.share_images
+                     else self.model.encode(image, batch["tokens"]))
         return self.model.head(feats)
+
+    def _encode_shared(
+        self, image: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`CRIS.encode`, with the first image of each run of equal `image_id`s encoded for
+        the whole run (the items of a run carry the same pixels: see `flip_by_image`)."""
+        _, inverse, counts = torch.unique_consecutive(batch["image_id"], return_inverse=True,
+                                                      return_counts=True)
+        firsts = torch.cumsum(counts, 0) - counts
+        once = self.model.encode_image(image[firsts].contiguous(memory_format=self.memory_format))
+        return {**{k: v[inverse] for k, v in once.items()},
+                **self.model.encode_text(batch["tokens"])}
 
     def _layout(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """x in the memory format (4-d maps) and, given `dtype`, floats cast to it, in one copy
@@ -172,10 +189,12 @@ def _train_data(
         dataset = RefDataset(
             data_dir, cfg.train_split, model.config.input_size, model.config.word_len,
             sample="ref", flip=cfg.flip, seed=cfg.seed, blind=cfg.language_blind,
-            cache=cfg.cache_images,
+            cache=cfg.cache_images, flip_by_image=cfg.phrases_per_image > 1,
         )
+    groups = dataset.image_ids() if isinstance(dataset, RefDataset) else None
     sampler = ShardedBatchSampler(len(cast(Sized, dataset)), cfg.batch_size,
-                                  world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
+                                  world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed,
+                                  groups=groups, per_group=cfg.phrases_per_image)
     return dataset, sampler
 
 
@@ -433,7 +452,8 @@ def _setup(
                   f"{progress.batch}, step {progress.step}", file=sys.stderr)
     if ctx.is_main:
         _start_history(out_dir / HISTORY, progress.step if source is not None else None)
-    net: torch.nn.Module = _Net(model, cfg.freeze_backbone, memory_format(cfg, ctx.device))
+    net: torch.nn.Module = _Net(model, cfg.freeze_backbone, memory_format(cfg, ctx.device),
+                                share_images=cfg.phrases_per_image > 1)
     if ctx.world_size > 1:
         net = DistributedDataParallel(
             net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
