@@ -106,7 +106,7 @@ def test_shards_of_ranks_make_the_single_process_batches() -> None:
 def _stretches(order: list[int], groups: list[int]) -> list[int]:
     """Lengths of the maximal stretches of `order` whose items share a group."""
     lengths = [1]
-    for a, b in zip(order, order[1:]):
+    for a, b in zip(order, order[1:], strict=False):
         if groups[a] == groups[b]:
             lengths[-1] += 1
         else:

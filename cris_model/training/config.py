@@ -60,7 +60,8 @@ class TrainConfig(SectionConfig):
     # data sets: S*S*4 bytes per image and S*S per object; each worker keeps its own)
     flip: bool = False  # horizontal flip (p=0.5) swapping left/right in the phrase
     phrases_per_image: int = 1  # > 1: batches hold up to this many referred objects of one image
-    # in a row, flipped as one, and the image is encoded once for them (paper: 1, independent)
+    # in a row, flipped as one, and the image is encoded once for them (paper: 1, independent;
+    # the feature cache encodes nothing, so training from it ignores this)
     language_blind: bool = False  # train and evaluate on empty phrases (the no-language baseline)
     freeze_backbone: bool = False  # train only the head; CLIP in eval mode, no gradients
     features_dir: str = ""  # CLIP feature cache (`cris features cache`); needs freeze_backbone
@@ -106,8 +107,5 @@ class TrainConfig(SectionConfig):
                              f"from {', '.join(CHECKPOINT_PARTS)}")
         if self.phrases_per_image < 1:
             raise ValueError(f"train.phrases_per_image must be >= 1, got {self.phrases_per_image}")
-        if self.phrases_per_image > 1 and self.features_dir:
-            raise ValueError("train.phrases_per_image > 1 shares encoded images; the feature "
-                             "cache (train.features_dir) has no images to share")
         if self.features_dir and not self.freeze_backbone:
             raise ValueError("train.features_dir needs train.freeze_backbone: true")
