@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cris_model.backbone import tokenize
 from cris_model.checkpoint import load_checkpoint
-from cris_model.data.dataset import RefDataset
+from cris_model.data.dataset import RefDataset, collate
 from cris_model.data.synth_grammar import SHAPES
 from cris_model.imaging import normalize
 from cris_model.model import CRIS
@@ -62,16 +62,15 @@ def masked_means(model: CRIS, data: Path, split: str, limit: int,
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in IMAGE_KEYS}
     labels: list[int] = []
     for start in range(0, len(keep), batch):
-        items = [ds[i] for i in keep[start:start + batch]]
-        image = normalize(torch.stack([it["image"] for it in items]).float())
-        mask = torch.stack([it["mask"] for it in items])[:, None]
+        items = collate([ds[i] for i in keep[start:start + batch]])
+        mask = items["mask"][:, None]
         with torch.no_grad():
-            feats = model.encode_image(image)
+            feats = model.encode_image(normalize(items["image"]))
         for key in IMAGE_KEYS:
             area = F.interpolate(mask, size=feats[key].shape[-2:], mode="area")
             mean = (feats[key] * area).sum((2, 3)) / area.sum((2, 3)).clamp_min(1e-6)
             pooled[key].append(mean.numpy())
-        labels += [int(ds.records[it["index"]]["category_id"]) for it in items]
+        labels += [int(ds.records[int(i)]["category_id"]) for i in items["index"]]
     return {k: np.concatenate(v) for k, v in pooled.items()}, np.asarray(labels)
 
 

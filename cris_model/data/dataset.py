@@ -143,11 +143,10 @@ class RefDataset(Dataset):
         if self.sample == "ref":
             rng = np.random.default_rng([self.seed, self.epoch, item])
             index = int(rows[rng.integers(len(rows))])
-            draw = rng.random()
-            if self.flip_by_image:
+            if self.flip_by_image:  # one draw per image, shared by its referred objects
                 image_id = int(self.records[index]["image_id"])
-                draw = np.random.default_rng([self.seed, self.epoch, image_id, 1]).random()
-            flip = self.flip and bool(draw < 0.5)
+                rng = np.random.default_rng([self.seed, self.epoch, image_id, 1])
+            flip = self.flip and bool(rng.random() < 0.5)
         return self._load(index, flip)
 
     def image_ids(self) -> list[int]:

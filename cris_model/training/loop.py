@@ -191,7 +191,8 @@ def _train_data(
             sample="ref", flip=cfg.flip, seed=cfg.seed, blind=cfg.language_blind,
             cache=cfg.cache_images, flip_by_image=cfg.phrases_per_image > 1,
         )
-    groups = dataset.image_ids() if isinstance(dataset, RefDataset) else None
+    grouped = cfg.phrases_per_image > 1 and isinstance(dataset, RefDataset)
+    groups = cast(RefDataset, dataset).image_ids() if grouped else None
     sampler = ShardedBatchSampler(len(cast(Sized, dataset)), cfg.batch_size,
                                   world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed,
                                   groups=groups, per_group=cfg.phrases_per_image)
