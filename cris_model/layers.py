@@ -292,12 +292,26 @@ class VLDecoder(nn.Module):
             int(d), int(h), int(w), int(words.shape[-1]), int(words.shape[1]), vis.device,
             vis.dtype, words.dtype)
         x = vis.flatten(2).transpose(1, 2).contiguous()  # BxNxD rows (free when channels-last)
-        for layer in self.layers:
-            args = (x, words, vis_pos, word_pos, pad_mask)
-            x = recompute(layer, layer, *args) if self.checkpoint else layer(*args)
+        if x.is_cpu and torch.is_autocast_enabled("cpu"):
+            # CPU bf16 autocast: the decoder runs in float32, since the CPU's bf16 attention
+            # backward takes several times as long as its float32 one (BENCHMARKS.md)
+            with torch.autocast("cpu", enabled=False):
+                x = self._layers(x.float(), words.float(), vis_pos.float(), word_pos.float(),
+                                 pad_mask)
+        else:
+            x = self._layers(x, words, vis_pos, word_pos, pad_mask)
         # back in the input's dtype: under autocast LayerNorm answers in float32, and the
         # projector would upsample that 4x map in float32 before its conv rounds it to bf16
         return self.norm(x).to(vis.dtype).transpose(1, 2).reshape(b, d, h, w)
+
+    def _layers(
+        self, x: torch.Tensor, words: torch.Tensor, vis_pos: torch.Tensor,
+        word_pos: torch.Tensor, pad_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            args = (x, words, vis_pos, word_pos, pad_mask)
+            x = recompute(layer, layer, *args) if self.checkpoint else layer(*args)
+        return x
 
 
 class Projector(nn.Module):

@@ -246,3 +246,18 @@ def test_decoder_answers_in_its_input_dtype_under_autocast() -> None:
         out = model.decoder(fq, feats["words"], feats["pad_mask"])
     # bf16 in, bf16 out: the projector then upsamples half the bytes (it was float32)
     assert fq.dtype == out.dtype == torch.bfloat16
+
+
+def test_decoder_runs_in_float32_under_cpu_bf16_autocast() -> None:
+    model = build_model(get_preset("cris_tiny")).eval()
+    image, text = _inputs(2)
+    with torch.no_grad():
+        feats = model.encode(image, text)
+        fq = model.neck(model.levels({k: feats[k] for k in model.image_keys}),
+                        feats["sentence"])
+        exact = model.decoder(fq, feats["words"], feats["pad_mask"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = model.decoder(fq, feats["words"], feats["pad_mask"])
+    # the CPU's bf16 attention backward is slow, so the decoder leaves autocast: float32 in,
+    # float32 out, and the very numbers of the float32 decoder
+    assert torch.equal(under, exact)

@@ -212,3 +212,18 @@ def test_phrases_per_image_encodes_each_image_once_for_the_same_logits(
     assert encoded == [8, runs] and runs < 8  # 4 images with 2 objects each, in runs
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     assert train(_params(phrases_per_image=2, max_steps=2), prepared, tmp_path / "out").steps == 2
+
+
+def test_cpu_bf16_autocast_warns_where_the_cpu_emulates_bf16(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cris_model.training import loop
+
+    cpu, bf16 = torch.device("cpu"), TrainConfig(precision="bf16")
+    for native, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(loop, "_native_cpu_bf16", lambda native=native: native)
+        amp, scaled = loop._amp(bf16, cpu)
+        assert isinstance(amp, torch.autocast) and not scaled
+        assert ("emulated and slower than fp32" in capsys.readouterr().err) is warned
+    loop._amp(TrainConfig(precision="fp32"), cpu)
+    assert capsys.readouterr().err == ""

@@ -85,8 +85,18 @@ def _amp(cfg: TrainConfig, device: torch.device) -> tuple[Any, bool]:
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return nullcontext(), False
+    if precision == "bf16" and device.type == "cpu" and not _native_cpu_bf16():
+        print("cris: train.precision bf16 on a CPU without avx512_bf16 or AMX is emulated and "
+              "slower than fp32; set train.precision=fp32 here", file=sys.stderr)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype), precision == "fp16"
+
+
+def _native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (avx512_bf16 or AMX tiles), where bf16
+    autocast makes convolutions faster instead of slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 class _Net(torch.nn.Module):
