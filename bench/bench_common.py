@@ -27,8 +27,18 @@ def machine() -> dict[str, Any]:
         info.update(device=props.name, device_memory_gb=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     else:
-        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+        info["device"] = f"cpu ({_cpu_model() or platform.processor() or platform.machine()})"
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none, as off Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines
+                 if line.startswith("model name")), "")
 
 
 def sync(device: torch.device) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from bench_support import import_bench
+from bench_support import import_bench, run_bench
 
 from cris_model.data.dataset import RefDataset, ShardedBatchSampler
 from cris_model.training.config import TrainConfig
@@ -107,6 +107,16 @@ def test_recipe_curve_trains_both_recipes_and_plots_them(
         assert points[0]["seconds"] < points[1]["seconds"]
         assert all(0.0 <= p["mIoU"] <= 1.0 for p in points)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_train_step_times_the_trainers_step_per_mode(tmp_path: Path) -> None:
+    result = run_bench("cpu_train_step", "--threads", "1", "--rounds", "1", "--steps", "1",
+                       "--modes", "fp32,bf16_channels_last_batch32", out=tmp_path / "step.json")
+    assert result["machine"]["device"].startswith("cpu")
+    fp32, bf16 = result["modes"]["fp32"], result["modes"]["bf16_channels_last_batch32"]
+    assert (fp32["batch_size"], bf16["batch_size"]) == (16, 32)
+    assert fp32["samples_per_s_ratio"] == 1.0 and fp32["ms_per_step"] > 0
+    assert bf16["samples_per_s"] == pytest.approx(32 / bf16["ms_per_step"] * 1000, rel=0.01)
 
 
 def test_feature_probe_separates_informative_from_constant_features(

@@ -1,0 +1,108 @@
+"""Time of the demo's training step on the CPU by precision, layout and batch (prints JSON).
+
+Each mode runs the trainer's own step (`cris_model.training.loop`: `_Net` with shared image
+encoding, the optimizer groups, autocast, the loss) on random batches laid out as training
+lays them out (runs of `phrases_per_image` phrases of one image), from the same initial
+weights. Modes alternate round by round, so a machine that slows down mid-run slows all
+of them alike; the figure is each mode's fastest round, and ratios are to the first mode.
+
+    .venv/bin/python bench/cpu_train_step.py [--threads 2 --rounds 5 --steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import emit, machine
+
+from cris_model.params import load_params, section
+from cris_model.training.config import TrainConfig
+from cris_model.training.distributed import DistContext
+from cris_model.training.loop import _amp, _build, _Net, _step, memory_format
+from cris_model.training.optim import build_optimizer
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+MODES: dict[str, list[str]] = {  # params.yaml overrides per mode; the first is the baseline
+    "fp32": ["train.precision=fp32", "train.memory_format=contiguous"],
+    "fp32_channels_last": ["train.precision=fp32", "train.memory_format=channels_last"],
+    "bf16_channels_last": ["train.precision=bf16", "train.memory_format=channels_last"],
+    "bf16_channels_last_batch32": ["train.precision=bf16", "train.memory_format=channels_last",
+                                   "train.batch_size=32"],
+}
+
+
+def run_mode(overrides: list[str], steps: int) -> tuple[Any, ...]:
+    """(step function, samples per step) of one mode, built from params.yaml + overrides."""
+    params = load_params(PARAMS, [*overrides, "train.device=cpu", "train.tracking=false"])
+    cfg = TrainConfig.from_params(section(params, "train"))
+    ctx = DistContext()
+    model = _build(params, cfg, ctx)
+    fmt = memory_format(cfg, ctx.device)
+    net = _Net(model, False, fmt, share_images=cfg.phrases_per_image > 1)
+    opt = build_optimizer(model, cfg)
+    amp, fp16 = _amp(cfg, ctx.device)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    batch = random_batch(cfg.batch_size, cfg.phrases_per_image, model.config.input_size,
+                         model.config.word_len)
+
+    def step() -> None:
+        for _ in range(steps):
+            _step(net, batch, opt, scaler, amp, cfg.dice_weight, cfg.loss_size == "input")
+
+    return step, cfg.batch_size
+
+
+def random_batch(size: int, per_image: int, side: int, word_len: int) -> dict[str, torch.Tensor]:
+    """A batch as the loader gives it: uint8 images (runs of `per_image` items share one),
+    token ids ending in the end token, masks of a random square, item ids."""
+    g = torch.Generator().manual_seed(0)
+    image_id = torch.arange(size) // max(per_image, 1)
+    images = torch.randint(0, 256, (int(image_id.max()) + 1, 3, side, side), generator=g,
+                           dtype=torch.uint8)
+    tokens = torch.zeros(size, word_len, dtype=torch.long)
+    tokens[:, 0] = 49406
+    tokens[:, 1:6] = torch.randint(320, 40000, (size, 5), generator=g)
+    tokens[:, 6] = 49407
+    mask = torch.zeros(size, side, side)
+    for i in range(size):
+        y, x = torch.randint(0, side // 2, (2,), generator=g).tolist()
+        mask[i, y:y + side // 4, x:x + side // 4] = 1.0
+    return {"image": images[image_id], "tokens": tokens, "mask": mask, "image_id": image_id,
+            "index": torch.arange(size), "ref_id": torch.arange(size),
+            "sent_id": torch.arange(size)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per mode")
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.modes.split(",")
+    built = {name: run_mode(MODES[name], args.steps) for name in names}
+    for step, _ in built.values():
+        step()  # warm-up round
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(args.rounds):
+        for name, (step, _) in built.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    base = built[names[0]][1] / best[names[0]]
+    modes = {name: {"ms_per_step": round(best[name] * 1000, 1), "batch_size": built[name][1],
+                    "samples_per_s": round(built[name][1] / best[name], 1),
+                    "samples_per_s_ratio": round(built[name][1] / best[name] / base, 3)}
+             for name in names}
+    emit({"bench": "cpu_train_step", "machine": machine(), "threads": args.threads,
+          "rounds": args.rounds, "steps_per_round": args.steps, "modes": modes}, args.out)
+
+
+if __name__ == "__main__":
+    main()
