@@ -36,6 +36,8 @@ OLD_RECIPE = [  # the demo's model and train settings before issue 13
     "model.neck_stride=16", "model.fpn_out=[64,128,128]", "model.vis_dim=128",
     "train.loss_size=logits", "train.text_lr_scale=0.0", "train.warmup_steps=0",
     "train.freeze_token_embedding=false", "train.cache_images=false",
+    "train.phrases_per_image=1", "train.precision=fp32", "train.memory_format=contiguous",
+    "train.fused_optimizer=false", "train.batch_size=16",
 ]
 RECIPES = {"old": OLD_RECIPE, "new": []}
 GOAL_MIOU = 0.75  # issue 13's target for the demo's val mIoU
