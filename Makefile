@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,7 +22,7 @@ DVC_STAMP := $(DVC_VENV)/.installed-stamp
 
 $(DVC_STAMP): requirements-dvc.lock
 	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
-	$(DVC_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dvc.lock
+	$(DVC_VENV)/bin/python -m pip install -qq --disable-pip-version-check -r requirements-dvc.lock
 	touch $(DVC_STAMP)
 
 setup-dvc: $(DVC_STAMP)
