@@ -27,9 +27,11 @@ from cris_model.training.optim import build_optimizer
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 MODES: dict[str, list[str]] = {  # params.yaml overrides per mode; the first is the baseline
-    "fp32": ["train.precision=fp32", "train.memory_format=contiguous"],
-    "fp32_channels_last": ["train.precision=fp32", "train.memory_format=channels_last"],
-    "bf16_channels_last": ["train.precision=bf16", "train.memory_format=channels_last"],
+    "fp32": ["train.precision=fp32", "train.memory_format=contiguous", "train.batch_size=16"],
+    "fp32_channels_last": ["train.precision=fp32", "train.memory_format=channels_last",
+                           "train.batch_size=16"],
+    "bf16_channels_last": ["train.precision=bf16", "train.memory_format=channels_last",
+                           "train.batch_size=16"],
     "bf16_channels_last_batch32": ["train.precision=bf16", "train.memory_format=channels_last",
                                    "train.batch_size=32"],
 }

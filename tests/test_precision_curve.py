@@ -12,15 +12,17 @@ RUNS = ("bf16_seed0", "fp32_seed0", "fp32_seed1")
 
 
 def test_three_runs_on_the_same_batches_give_comparable_curves(tmp_path: Path) -> None:
-    printed = run_bench("precision_curve", "--images", "24", "--steps", "12", "--log-every",
-                        "3", "--batch-size", "4", out=tmp_path / "precision_curve.json")
+    printed = run_bench("precision_curve", "--images", "24", "--steps", "6", "--log-every",
+                        "1", "--batch-size", "4", out=tmp_path / "precision_curve.json")
     curves = printed["curves"]
-    assert set(curves) == set(RUNS) and printed["window_steps"] == [3, 6, 9, 12]
+    assert set(curves) == set(RUNS) and printed["window_steps"] == [1, 2, 3, 4, 5, 6]
     for curve in curves.values():
-        assert len(curve) == 4 and all(math.isfinite(x) and x > 0 for x in curve)
+        assert len(curve) == 6 and all(math.isfinite(x) and x > 0 for x in curve)
     bf16, fp32, seed1 = curves["bf16_seed0"], curves["fp32_seed0"], curves["fp32_seed1"]
     assert bf16 != fp32, "bf16 autocast gave fp32's exact losses: it did not run"
-    assert abs(bf16[0] - fp32[0]) <= 0.05 * fp32[0], "same weights and batches, first window"
+    # the first step has the same weights and batch, so only rounding separates the two (at
+    # batch 4 and no warm-up the trajectories part within a few steps)
+    assert abs(bf16[0] - fp32[0]) <= 0.01 * fp32[0], "same weights and batch, first step"
     assert seed1 != fp32
     assert printed["bf16_within_seed_spread"] == (
         printed["bf16_vs_fp32_seed0"]["mean_rel"] <= printed["fp32_seed0_vs_seed1"]["mean_rel"])
