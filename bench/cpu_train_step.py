@@ -1,10 +1,11 @@
 """Time of the demo's training step on the CPU by precision, layout and batch (prints JSON).
 
 Each mode runs the trainer's own step (`cris_model.training.loop`: `_Net` with shared image
-encoding, the optimizer groups, autocast, the loss) on random batches laid out as training
-lays them out (runs of `phrases_per_image` phrases of one image), from the same initial
-weights. Modes alternate round by round, so a machine that slows down mid-run slows all
-of them alike; the figure is each mode's fastest round, and ratios are to the first mode.
+encoding, the optimizer groups, autocast, the loss) on train_throughput's random batches,
+laid out as training lays them out (runs of `phrases_per_image` phrases of one image), from
+the same initial weights. Modes alternate round by round, so a machine that slows down
+mid-run slows all of them alike; the figure is each mode's fastest round, and ratios are to
+the first mode.
 
     .venv/bin/python bench/cpu_train_step.py [--threads 2 --rounds 5 --steps 3]
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from bench_common import emit, machine
+from train_throughput import make_batches
 
 from cris_model.params import load_params, section
 from cris_model.training.config import TrainConfig
@@ -59,23 +61,13 @@ def run_mode(overrides: list[str], steps: int) -> tuple[Any, ...]:
 
 
 def random_batch(size: int, per_image: int, side: int, word_len: int) -> dict[str, torch.Tensor]:
-    """A batch as the loader gives it: uint8 images (runs of `per_image` items share one),
-    token ids ending in the end token, masks of a random square, item ids."""
-    g = torch.Generator().manual_seed(0)
+    """One of train_throughput's random batches, laid out as training lays it out: runs of
+    `per_image` items share the first item's image and mask, and carry its `image_id`."""
+    batch = make_batches(1, size, side, word_len, torch.device("cpu"))[0]
     image_id = torch.arange(size) // max(per_image, 1)
-    images = torch.randint(0, 256, (int(image_id.max()) + 1, 3, side, side), generator=g,
-                           dtype=torch.uint8)
-    tokens = torch.zeros(size, word_len, dtype=torch.long)
-    tokens[:, 0] = 49406
-    tokens[:, 1:6] = torch.randint(320, 40000, (size, 5), generator=g)
-    tokens[:, 6] = 49407
-    mask = torch.zeros(size, side, side)
-    for i in range(size):
-        y, x = torch.randint(0, side // 2, (2,), generator=g).tolist()
-        mask[i, y:y + side // 4, x:x + side // 4] = 1.0
-    return {"image": images[image_id], "tokens": tokens, "mask": mask, "image_id": image_id,
-            "index": torch.arange(size), "ref_id": torch.arange(size),
-            "sent_id": torch.arange(size)}
+    first = image_id * max(per_image, 1)
+    return {**batch, "image": batch["image"][first], "mask": batch["mask"][first],
+            "image_id": image_id}
 
 
 def main() -> None:
