@@ -46,7 +46,7 @@ def run_mode(overrides: list[str], steps: int) -> tuple[Any, ...]:
     ctx = DistContext()
     model = _build(params, cfg, ctx)
     fmt = memory_format(cfg, ctx.device)
-    net = _Net(model, False, fmt, share_images=cfg.phrases_per_image > 1)
+    net = _Net(model, False, fmt, share_images=cfg.groups_by_image)
     opt = build_optimizer(model, cfg)
     amp, fp16 = _amp(cfg, ctx.device)
     scaler = torch.amp.GradScaler("cpu", enabled=fp16)

@@ -80,6 +80,12 @@ class TrainConfig(SectionConfig):
     gallery_size: int = 8  # val predictions drawn into the gallery PNG artifact
     progress: bool = True  # tqdm bars on the main process (off when $CI is set)
 
+    @property
+    def groups_by_image(self) -> bool:
+        """Whether batches line up several phrases of one image, flipped as one and encoded
+        once (phrases_per_image > 1)."""
+        return self.phrases_per_image > 1
+
     def validate(self) -> None:
         """Raise ValueError naming the first value no run can use."""
         if self.schedule not in ("step", "cosine"):

@@ -199,9 +199,9 @@ def _train_data(
         dataset = RefDataset(
             data_dir, cfg.train_split, model.config.input_size, model.config.word_len,
             sample="ref", flip=cfg.flip, seed=cfg.seed, blind=cfg.language_blind,
-            cache=cfg.cache_images, flip_by_image=cfg.phrases_per_image > 1,
+            cache=cfg.cache_images, flip_by_image=cfg.groups_by_image,
         )
-    grouped = cfg.phrases_per_image > 1 and isinstance(dataset, RefDataset)
+    grouped = cfg.groups_by_image and isinstance(dataset, RefDataset)
     groups = cast(RefDataset, dataset).image_ids() if grouped else None
     sampler = ShardedBatchSampler(len(cast(Sized, dataset)), cfg.batch_size,
                                   world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed,
@@ -464,7 +464,7 @@ def _setup(
     if ctx.is_main:
         _start_history(out_dir / HISTORY, progress.step if source is not None else None)
     net: torch.nn.Module = _Net(model, cfg.freeze_backbone, memory_format(cfg, ctx.device),
-                                share_images=cfg.phrases_per_image > 1)
+                                share_images=cfg.groups_by_image)
     if ctx.world_size > 1:
         net = DistributedDataParallel(
             net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
