@@ -33,6 +33,8 @@ class ModelConfig:
     vis_dim: int = 512  # decoder width (d_model); equals fpn_out[1]
     neck_stride: int = 16  # stride the neck aggregates at: 16 (paper) | 8 (4x the decoder's
     # tokens, logits at stride 2: finer masks for small inputs)
+    neck_film: bool = False  # also condition the stride-16 and stride-8 neck levels on the
+    # sentence (FiLM: scale and shift); the paper conditions only the coarsest level
     num_layers: int = 3  # vision-language decoder layers
     num_heads: int = 8  # attention heads in the decoder
     dim_ffn: int = 2048  # decoder feed-forward width

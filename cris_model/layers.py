@@ -180,12 +180,14 @@ class TextFPN(nn.Module):
     The coarsest level is multiplied by the projected sentence feature, then fused top-down
     with the two finer levels, aggregated at stride s (16 as in the paper, or 8: the stride-8
     level is not pooled and the coarser ones are upsampled to it) and given coordinate
-    channels. Both strides have the same parameters.
+    channels. Both strides have the same parameters. With `film` the stride-16 and stride-8
+    levels are also scaled and shifted by their own linear map of the sentence (FiLM), an
+    earlier fusion than the paper's, which small models trained from scratch learn from faster.
     """
 
     def __init__(
         self, in_dims: tuple[int, int, int], out_dims: tuple[int, int, int], sentence_dim: int,
-        stride: int = 16,
+        stride: int = 16, film: bool = False,
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -205,20 +207,31 @@ class TextFPN(nn.Module):
         self.aggr = _conv_bn_relu(3 * c4, c4, 1)
         self.coord = _conv_bn_relu(c4 + 2, c4, 3)
         self.out = _conv_bn_relu(c4, c4, 3)
+        # level -> sentence -> (scale, shift) of its channels; none in the paper's neck
+        self.film = nn.ModuleDict(
+            {"f4": nn.Linear(sentence_dim, 2 * c4), "f3": nn.Linear(sentence_dim, 2 * c3)}
+            if film else {})
 
     def forward(self, levels: list[torch.Tensor], sentence: torch.Tensor) -> torch.Tensor:
         v3, v4, v5 = levels
         state = self.txt_proj(sentence)[:, :, None, None]
         f5 = self.f5_norm(self.f5_proj(v5) * state)
-        f4 = self.f4_proj(v4)
+        f4 = self._film("f4", self.f4_proj(v4), sentence)
         f4 = self.f4_cat(torch.cat([f4, _resize(f5, f4)], dim=1))
-        f3 = self.f3_proj(v3)
+        f3 = self._film("f3", self.f3_proj(v3), sentence)
         if self.stride == 16:
             f3 = F.avg_pool2d(f3, 2, 2)
         f3 = self.f3_cat(torch.cat([f3, _resize(f4, f3)], dim=1))
         q3 = self.q3(f3)
         fused = torch.cat([q3, _resize(self.q4(f4), q3), _resize(self.q5(f5), q3)], dim=1)
         return self.out(self.coord(_coords(self.aggr(fused))))
+
+    def _film(self, level: str, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """ReLU(x * (1 + scale) + shift) from the level's map of the sentence; x without FiLM."""
+        if level not in self.film:
+            return x
+        scale, shift = self.film[level](sentence).to(x.dtype)[:, :, None, None].chunk(2, dim=1)
+        return F.relu(x * (1 + scale) + shift)
 
 
 def _resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

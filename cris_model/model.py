@@ -194,7 +194,8 @@ def _assemble(config: ModelConfig, clip: nn.Module) -> CRIS:
     if backbone.word_dim % 2:
         raise ValueError(f"the text width must be even for sine positions, got "
                          f"{backbone.word_dim}")
-    neck = TextFPN(config.fpn_in, config.fpn_out, backbone.sentence_dim, config.neck_stride)
+    neck = TextFPN(config.fpn_in, config.fpn_out, backbone.sentence_dim, config.neck_stride,
+                   config.neck_film)
     decoder = VLDecoder(config.num_layers, config.vis_dim, config.num_heads, config.dim_ffn,
                         config.dropout, backbone.word_dim)
     projector = Projector(config.vis_dim, backbone.sentence_dim, config.kernel_size,

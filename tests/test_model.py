@@ -128,8 +128,9 @@ def test_large_presets_build_and_run_on_a_small_input(preset: str) -> None:
 
 
 @pytest.mark.parametrize("config", [get_preset("cris_tiny"), TINY_VIT,
-                                    get_preset("cris_tiny", neck_stride=8)],
-                         ids=["resnet", "vit", "resnet-neck-stride-8"])
+                                    get_preset("cris_tiny", neck_stride=8),
+                                    get_preset("cris_tiny", neck_film=True)],
+                         ids=["resnet", "vit", "resnet-neck-stride-8", "resnet-neck-film"])
 def test_every_parameter_gets_a_gradient(config: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -234,6 +235,25 @@ def test_neck_at_stride_8_keeps_the_parameters_and_halves_the_mask_stride() -> N
         assert b(image, text).shape == (1, 1, 64, 64)
     with pytest.raises(ValueError, match="neck_stride"):
         get_preset("cris_tiny", neck_stride=4)
+
+
+def test_neck_film_adds_only_its_maps_and_is_the_paper_neck_at_zero() -> None:
+    paper, film = get_preset("cris_tiny"), get_preset("cris_tiny", neck_film=True)
+    torch.manual_seed(0)
+    a, b = build_model(paper).eval(), build_model(film).eval()
+    added = set(b.state_dict()) - set(a.state_dict())
+    assert added == {f"neck.film.{level}.{p}" for level in ("f3", "f4") for p in ("weight", "bias")}
+    assert set(a.state_dict()) < set(b.state_dict())
+    b.load_state_dict(a.state_dict(), strict=False)  # every other weight the paper model's
+    image, text = torch.randn(2, 3, 128, 128), tokenize(["the red circle", "the star"], 17)
+    with torch.no_grad():
+        conditioned = b(image, text)
+        for level in b.neck.film.values():
+            level.weight.zero_()
+            level.bias.zero_()
+        # zero scale and shift: ReLU(x) of a ReLU output, so the paper's neck on its weights
+        assert torch.equal(b(image, text), a(image, text))
+    assert not torch.allclose(conditioned, a(image, text))
 
 
 def test_dice_term_is_added_per_sample_and_vanishes_on_a_perfect_hard_prediction() -> None:
