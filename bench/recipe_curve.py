@@ -33,7 +33,9 @@ from cris_model.training.loop import train  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 OLD_RECIPE = [  # the demo's model and train settings before issue 13
-    "model.neck_stride=16", "model.fpn_out=[64,128,128]", "model.vis_dim=128",
+    "model.input_size=128", "model.neck_stride=16", "model.fpn_out=[64,128,128]",
+    "model.vis_dim=128", "model.dim_ffn=256", "model.num_layers=2", "model.neck_film=false",
+    "train.epochs=7",
     "train.loss_size=logits", "train.text_lr_scale=0.0", "train.warmup_steps=0",
     "train.freeze_token_embedding=false", "train.cache_images=false",
     "train.phrases_per_image=1", "train.precision=fp32", "train.memory_format=contiguous",
