@@ -8,9 +8,17 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: setup setup-dvc setup-browser setup-postgres test lint demo ui clean services \
 	services-stop services-status dvc-remote gpu-wheels
 
+# pip byte-compiles what it installs one file at a time; PIP_INSTALL skips that, BYTECOMPILE does
+# it on every core (about 25 s less on 2 cores). Files that do not compile on this Python are
+# skipped, as pip skips them (torch ships a Python 3.12-only test helper).
+PIP_INSTALL = -m pip install -qq --disable-pip-version-check --no-compile
+BYTECOMPILE = -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path('purelib'), \
+	quiet=2, workers=0)"
+
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.lock
+	$(PY) $(PIP_INSTALL) -r requirements.lock
+	$(PY) $(BYTECOMPILE)
 	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -22,7 +30,8 @@ DVC_STAMP := $(DVC_VENV)/.installed-stamp
 
 $(DVC_STAMP): requirements-dvc.lock
 	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
-	$(DVC_VENV)/bin/python -m pip install -qq --disable-pip-version-check -r requirements-dvc.lock
+	$(DVC_VENV)/bin/python $(PIP_INSTALL) -r requirements-dvc.lock
+	$(DVC_VENV)/bin/python $(BYTECOMPILE)
 	touch $(DVC_STAMP)
 
 setup-dvc: $(DVC_STAMP)
