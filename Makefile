@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 	services-stop services-status dvc-remote gpu-wheels
 
 # pip byte-compiles what it installs one file at a time; PIP_INSTALL skips that, BYTECOMPILE does
-# it on every core (about 25 s less on 2 cores). Files that do not compile on this Python are
+# it on every core (about 30 s less on 2 cores). Files that do not compile on this Python are
 # skipped, as pip skips them (torch ships a Python 3.12-only test helper).
 PIP_INSTALL = -m pip install -qq --disable-pip-version-check --no-compile
 BYTECOMPILE = -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path('purelib'), \
