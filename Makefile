@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP_INSTALL) -r requirements.lock
 	$(PY) $(BYTECOMPILE)
-	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) $(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
